@@ -1,0 +1,42 @@
+"""Stable Diffusion XL (base 1.0) with a PSA adapter on 3584-d profile embeddings.
+
+    psa-jax train --config configs/sdxl.py --workdir DIR --config.model.pretrained=/path/to/sdxl
+
+The architecture is diffusers' SDXL UNet config (2,567,463,684 parameters): text_time added
+conditions, per-block transformer depth [1, 2, 10], linear projections, 2048-d cross-attention.
+"""
+
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg=None) -> ml_collections.ConfigDict:
+    del arg
+    config = ml_collections.ConfigDict()
+    config.name = "sdxl"
+    config.model = ml_collections.ConfigDict()
+    config.model.pretrained = ""
+    config.model.unet = {
+        "sample_size": 128,
+        "in_channels": 4,
+        "out_channels": 4,
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        "block_out_channels": [320, 640, 1280],
+        "layers_per_block": 2,
+        "attention_head_dim": [5, 10, 20],
+        "transformer_layers_per_block": [1, 2, 10],
+        "use_linear_projection": True,
+        "cross_attention_dim": 2048,
+        "norm_num_groups": 32,
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": 256,
+        "projection_class_embeddings_input_dim": 2816,
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+    }
+    config.model.adapter = common.adapter_config(user_embed_dim=3584)
+    config.mesh = common.mesh_config()
+    config.seed = 0
+    return config

@@ -1,0 +1,62 @@
+"""The embedded default: a tiny SD-shaped model that trains on a 2-core CPU in minutes.
+
+    psa-jax train --config configs/tiny.py --workdir /tmp/psa_tiny
+
+UNet (~0.4M params) on 4x16x16 latents of a tiny VAE (32 px RGB), a 2-layer CLIP text encoder
+on CLIP's real BPE vocabulary, and a 384-d profile embedding (all-MiniLM-L6-v2, the offline
+profile encoder). Same code path as SD1.5, only smaller.
+"""
+
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg=None) -> ml_collections.ConfigDict:
+    del arg
+    config = ml_collections.ConfigDict()
+    config.name = "tiny"
+    config.model = ml_collections.ConfigDict()
+    config.model.unet = {
+        "sample_size": 16,
+        "in_channels": 4,
+        "out_channels": 4,
+        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+        "block_out_channels": [32, 64],
+        "layers_per_block": 1,
+        "attention_head_dim": 4,
+        "cross_attention_dim": 64,
+        "norm_num_groups": 8,
+    }
+    config.model.text_encoder = {
+        "architectures": ["CLIPTextModel"],
+        "vocab_size": 49408,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 77,
+        "hidden_act": "quick_gelu",
+        "layer_norm_eps": 1e-5,
+        "projection_dim": 64,
+        "bos_token_id": 49406,
+        "eos_token_id": 49407,
+        "pad_token_id": 49407,
+    }
+    config.model.vae = {
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        "block_out_channels": [16, 32],
+        "layers_per_block": 1,
+        "latent_channels": 4,
+        "norm_num_groups": 8,
+        "sample_size": 32,
+        "scaling_factor": 1.0,
+    }
+    config.model.adapter = common.adapter_config(user_embed_dim=384)
+    config.mesh = common.mesh_config()
+    config.seed = 0
+    return config

@@ -1,0 +1,1 @@
+"""Exporters: PSA adapters and base weights to PSAlign and diffusers layouts."""

@@ -1,0 +1,135 @@
+"""The PSA adapter's trainable pieces.
+
+Every adapter weight lives in the ``"adapter"`` variable collection, never in ``"params"``: the
+frozen base and the trainable adapter are two separate pytrees that meet only in ``apply``
+(``{"params": base, "adapter": adapter}``), so training differentiates the adapter tree alone and
+the base needs no gradient masking and no copy for the DPO reference (adapter off).
+
+Pieces:
+  * ``UserProjection`` -- ``u = LayerNorm(Linear(profile_embedding))`` reshaped to T tokens of the
+    cross-attention width (PSAlign ``PSAProjection``; diffusers ``ImageProjection``).
+  * ``AdapterDense`` -- the bias-free, zero-initialised ``to_k_user`` / ``to_v_user`` of every
+    cross-attention layer.
+  * ``user_attention`` -- ``SDPA(q, to_k_user(u), to_v_user(u))`` with the exact T=1 fast path.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from psa_jax.models.layers import Dtype, sdpa
+
+ADAPTER = "adapter"
+
+
+def _adapter_variable(module: nn.Module, name: str, init, shape, axes) -> jax.Array:
+    # The initialiser is called lazily: an rng is only drawn while the variable is created.
+    def make():
+        return nn.with_logical_partitioning(init, axes)(module.make_rng("params"), shape)
+
+    return module.variable(ADAPTER, name, make).value
+
+
+def _uniform(bound: float):
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+class AdapterDense(nn.Module):
+    """Bias-free linear map held in the adapter collection, zero-initialised (PSAlign)."""
+
+    features: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = _adapter_variable(
+            self,
+            "kernel",
+            nn.initializers.zeros_init(),
+            (x.shape[-1], self.features),
+            ("embed", "heads"),
+        )
+        return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+
+
+class UserProjection(nn.Module):
+    """Profile embedding ``[B, D]`` -> ``[B, T, cross_dim]`` user tokens (Linear, LayerNorm).
+
+    Initialised as PyTorch initialises ``nn.Linear``/``nn.LayerNorm``, like PSAlign's projection.
+    """
+
+    num_tokens: int
+    cross_dim: int
+    dtype: Dtype = jnp.float32
+    eps: float = 1e-5
+
+    @nn.compact
+    def __call__(self, embeds: jax.Array) -> jax.Array:
+        d = embeds.shape[-1]
+        width = self.num_tokens * self.cross_dim
+        kernel = _adapter_variable(
+            self, "kernel", _uniform(1 / math.sqrt(d)), (d, width), ("user_embed", "embed")
+        )
+        bias = _adapter_variable(self, "bias", _uniform(1 / math.sqrt(d)), (width,), ("embed",))
+        # Projected in float32 whatever the compute dtype: raw LLM embeddings have norms ~100.
+        x = jnp.dot(embeds.astype(jnp.float32), kernel.astype(jnp.float32)) + bias
+        x = x.reshape(embeds.shape[0], self.num_tokens, self.cross_dim)
+        return _AdapterLayerNorm(self.eps, name="norm")(x).astype(self.dtype)
+
+
+class _AdapterLayerNorm(nn.Module):
+    eps: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = _adapter_variable(
+            self, "scale", nn.initializers.ones_init(), (x.shape[-1],), ("norm",)
+        )
+        bias = _adapter_variable(
+            self, "bias", nn.initializers.zeros_init(), (x.shape[-1],), ("norm",)
+        )
+        mean = x.mean(-1, keepdims=True)
+        var = jnp.square(x - mean).mean(-1, keepdims=True)
+        return (x - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias
+
+
+def user_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, heads: int, *, fast_path: bool = True
+) -> jax.Array:
+    """``SDPA(q, k, v)`` over the T user tokens; ``q [B, L, inner]``, ``k, v [B, T, inner]``.
+
+    With one token the softmax over a single key is exactly 1, so the result is ``v`` at every
+    query position: the fast path skips the logits (and ``to_k_user`` gets no gradient, as in
+    PSAlign).
+    """
+    if fast_path and k.shape[1] == 1:
+        return jnp.broadcast_to(v, (v.shape[0], q.shape[1], v.shape[2])).astype(q.dtype)
+    return sdpa(q, k, v, heads)
+
+
+def adapter_layer_paths(adapter: dict[str, Any]) -> list[tuple[str, ...]]:
+    """Module paths of the cross-attention layers that hold ``to_k_user``/``to_v_user``, in
+    diffusers' ``unet.attn_processors`` order (down blocks, up blocks, then the mid block): the
+    index PSAlign and IP-Adapter files use."""
+    from flax.traverse_util import flatten_dict
+
+    paths = {p[:-2] for p in flatten_dict(nn.meta.unbox(adapter)) if p[-2] == "to_k_user"}
+    order = {"down_blocks": 0, "up_blocks": 1, "mid_block": 2}
+
+    def key(path):
+        return [order.get(path[0].split(".")[0], 3)] + [_natural(p) for p in path]
+
+    return sorted(paths, key=key)
+
+
+def _natural(part: str) -> tuple:
+    name, _, idx = part.rpartition(".")
+    return (name, int(idx)) if idx.isdigit() else (part, -1)

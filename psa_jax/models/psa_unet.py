@@ -1,0 +1,242 @@
+"""The public UNet object: a diffusers-style callable over frozen base params + a PSA adapter.
+
+``load_unet`` reads a local diffusers UNet folder; the returned :class:`PSAUNet` keeps the base
+weights (``params``) and the adapter weights (``adapter``) as two separate pytrees. Its
+``__call__`` takes diffusers' layout (NCHW latents, ``[B, L, D]`` text states) and returns the
+noise prediction like ``UNet2DConditionModel(...).sample``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from psa_jax.export.adapters import adapter_shape, export_adapter, import_adapter
+from psa_jax.models import convert
+from psa_jax.models.unet import UNet2DConditionModel, UNetConfig
+
+WEIGHTS_STEM = "diffusion_pytorch_model"
+
+
+def _dummy_inputs(cfg: UNetConfig, user_embed_dim: int | None) -> dict[str, Any]:
+    size = 2 ** (cfg.num_blocks - 1)
+    kw: dict[str, Any] = dict(
+        sample=jnp.zeros((1, size, size, cfg.in_channels)),
+        timesteps=jnp.zeros((1,)),
+        encoder_hidden_states=jnp.zeros((1, 1, cfg.cross_attention_dim)),
+    )
+    if cfg.addition_embed_type == "text_time":
+        text_dim = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        kw["added_cond_kwargs"] = {
+            "text_embeds": jnp.zeros((1, text_dim)),
+            "time_ids": jnp.zeros((1, 6)),
+        }
+    if user_embed_dim is not None:
+        kw["user_embeds"] = jnp.zeros((1, user_embed_dim))
+    return kw
+
+
+def abstract_variables(module: UNet2DConditionModel) -> dict[str, Any]:
+    """Shapes and dtypes of every collection (``params``, ``adapter``) without allocating."""
+    inputs = _dummy_inputs(module.config, module.user_embed_dim)
+    return jax.eval_shape(lambda: module.init(jax.random.key(0), **inputs))
+
+
+def init_variables(module: UNet2DConditionModel, rng: jax.Array | int = 0) -> dict[str, Any]:
+    """Fresh random variables (tests and from-scratch tiny models)."""
+    rng = jax.random.key(rng) if isinstance(rng, int) else rng
+    inputs = _dummy_inputs(module.config, module.user_embed_dim)
+    return jax.jit(lambda r: module.init(r, **inputs))(rng)
+
+
+class PSAUNet:
+    """A UNet with optional PSA adapter; call it like diffusers' ``UNet2DConditionModel``."""
+
+    def __init__(
+        self,
+        config: UNetConfig,
+        params: dict[str, Any],
+        *,
+        adapter: dict[str, Any] | None = None,
+        user_embed_dim: int | None = None,
+        num_user_tokens: int = 1,
+        dtype: Any = jnp.float32,
+    ):
+        self.config = config
+        self.params = params
+        self.adapter = adapter
+        self.num_user_tokens = num_user_tokens
+        self.dtype = jnp.dtype(dtype)
+        self._set_module(user_embed_dim)
+        if user_embed_dim is not None and adapter is None:
+            self.init_adapter(user_embed_dim, num_user_tokens)
+
+    def _set_module(self, user_embed_dim: int | None) -> None:
+        self.user_embed_dim = user_embed_dim
+        self.module = UNet2DConditionModel(
+            self.config,
+            user_embed_dim=user_embed_dim,
+            num_user_tokens=self.num_user_tokens,
+            dtype=self.dtype,
+        )
+        self._apply = jax.jit(self.module.apply)
+
+    @property
+    def variables(self) -> dict[str, Any]:
+        out = {"params": self.params}
+        if self.adapter is not None:
+            out["adapter"] = self.adapter
+        return out
+
+    def __call__(
+        self,
+        sample: jax.Array,
+        timestep: jax.Array | float,
+        encoder_hidden_states: jax.Array,
+        added_cond_kwargs: dict[str, jax.Array] | None = None,
+        user_embeds: jax.Array | None = None,
+        user_scale: float | jax.Array = 1.0,
+    ) -> jax.Array:
+        """NCHW ``sample`` -> NCHW noise prediction. ``user_embeds=None``: the base model."""
+        if user_embeds is not None and self.adapter is None:
+            raise ValueError(
+                "user_embeds given but this UNet has no adapter: call "
+                "load_adapter(...) or init_adapter(user_embed_dim) first"
+            )
+        added = None
+        if added_cond_kwargs is not None:
+            added = {k: jnp.asarray(added_cond_kwargs[k]) for k in ("text_embeds", "time_ids")}
+        out = self._apply(
+            self.variables,
+            jnp.transpose(jnp.asarray(sample), (0, 2, 3, 1)),
+            jnp.asarray(timestep),
+            jnp.asarray(encoder_hidden_states),
+            added_cond_kwargs=added,
+            user_embeds=None if user_embeds is None else jnp.asarray(user_embeds),
+            user_scale=jnp.asarray(user_scale, jnp.float32),
+        )
+        return jnp.transpose(out, (0, 3, 1, 2))
+
+    # ---- adapter ----------------------------------------------------------------------------
+    def init_adapter(
+        self, user_embed_dim: int, num_user_tokens: int | None = None, rng: int | jax.Array = 0
+    ) -> None:
+        """Create a fresh adapter (k/v zero, projection as PyTorch inits it): output unchanged."""
+        self.num_user_tokens = num_user_tokens or self.num_user_tokens
+        self._set_module(user_embed_dim)
+        rng = jax.random.key(rng) if isinstance(rng, int) else rng
+        inputs = _dummy_inputs(self.config, user_embed_dim)
+
+        # Only the adapter collection is created (mutable); the base params are used as given.
+        def init(params, r):
+            _, new = self.module.apply(
+                {"params": params}, **inputs, mutable=["adapter"], rngs={"params": r}
+            )
+            return new["adapter"]
+
+        self.adapter = jax.tree.map(np.asarray, _unbox(jax.jit(init)(self.params, rng)))
+
+    def load_adapter(self, path: str | os.PathLike) -> None:
+        """Load a PSAlign adapter (``.safetensors``, or ``.bin`` read with weights_only=True), a
+        diffusers IP-Adapter file, or a folder holding one such ``*.safetensors`` file.
+
+        Creates the adapter slots from the file's shapes when this UNet has none yet.
+        """
+        path = _adapter_file(os.fspath(path))
+        state = convert.read_state_dict(path)
+        d, t = adapter_shape(state, self.config.cross_attention_dim)
+        if self.user_embed_dim is None:
+            self.num_user_tokens = t
+            self._set_module(d)
+        ref = abstract_variables(self.module)["adapter"]
+        self.adapter = import_adapter(state, ref, what=f"adapter file {path}")
+
+    def save_adapter(self, path: str | os.PathLike, format: str = "psalign") -> str:
+        """Write the adapter as ``psalign`` safetensors, or a ``diffusers-ip-adapter`` folder
+        (``ip_adapter.safetensors``, loadable with ``pipe.load_ip_adapter``). Returns the file."""
+        if self.adapter is None:
+            raise ValueError("this UNet has no adapter to save")
+        state = export_adapter(self.adapter, format)
+        path = os.fspath(path)
+        if format == "diffusers-ip-adapter":
+            os.makedirs(path, exist_ok=True)
+            path = os.path.join(path, "ip_adapter.safetensors")
+        else:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        meta = {
+            "format": format,
+            "num_user_tokens": str(self.num_user_tokens),
+            "user_embed_dim": str(self.user_embed_dim),
+        }
+        convert.write_safetensors(state, path, metadata=meta)
+        return path
+
+    # ---- base weights -----------------------------------------------------------------------
+    def save_pretrained(self, folder: str | os.PathLike, dtype: Any = np.float32) -> None:
+        """A diffusers UNet folder of the base weights (``config.json`` + safetensors)."""
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump(self.config.to_diffusers_config(), f, indent=2)
+        convert.write_safetensors(
+            convert.flax_to_torch(self.params, dtype),
+            os.path.join(folder, f"{WEIGHTS_STEM}.safetensors"),
+        )
+
+
+def _unbox(tree):
+    from flax.core import meta
+
+    return meta.unbox(tree)
+
+
+def _adapter_file(path: str) -> str:
+    if os.path.isdir(path):
+        found = sorted(f for f in os.listdir(path) if f.endswith((".safetensors", ".bin")))
+        if len(found) != 1:
+            raise FileNotFoundError(
+                f"expected exactly one adapter .safetensors/.bin file in {path}, "
+                f"found {found or 'none'}"
+            )
+        return os.path.join(path, found[0])
+    return path
+
+
+def load_unet(
+    path: str | os.PathLike,
+    *,
+    num_user_tokens: int = 1,
+    user_embed_dim: int | None = None,
+    dtype: str | Any = "float32",
+    variant: str | None = None,
+) -> PSAUNet:
+    """Load a local diffusers UNet folder (``config.json`` + safetensors fp32/fp16/bf16).
+
+    Args:
+      path: the ``unet`` folder of a diffusers pipeline.
+      num_user_tokens: T, user tokens made by the adapter's projection.
+      user_embed_dim: profile embedding size D; ``None`` leaves the adapter slots to
+        ``load_adapter`` (which reads D and T from the file).
+      dtype: compute dtype, and the dtype the base weights are stored in.
+      variant: e.g. ``"fp16"`` for ``diffusion_pytorch_model.fp16.safetensors``.
+
+    Raises:
+      WeightMismatchError: the checkpoint's keys or shapes do not fit the config.
+    """
+    config = UNetConfig.from_diffusers_config(convert.read_config(path))
+    weights = convert.find_weights_file(path, WEIGHTS_STEM, variant)
+    module = UNet2DConditionModel(config, dtype=jnp.dtype(dtype))
+    reference = abstract_variables(module)["params"]
+    params = convert.torch_to_flax(
+        convert.read_state_dict(weights),
+        reference,
+        what=f"UNet checkpoint {weights}",
+        dtype=jnp.dtype(dtype),
+    )
+    return PSAUNet(
+        config, params, user_embed_dim=user_embed_dim, num_user_tokens=num_user_tokens, dtype=dtype
+    )

@@ -1,0 +1,40 @@
+"""psa_jax: Personalized Safety Alignment (PSA) for text-to-image diffusion in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="psa_jax",
+    version="0.1.0",
+    description="Personalized Safety Alignment for Stable Diffusion in JAX/Flax (linen).",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=find_packages(include=["psa_jax", "psa_jax.*"]),
+    package_data={"psa_jax": ["py.typed"]},
+    install_requires=[
+        "jax>=0.4.35",
+        "flax>=0.10",
+        "optax",
+        "orbax-checkpoint",
+        "ml_collections",
+        "safetensors",
+        "numpy",
+        "tensorflow-datasets",
+        "grain",
+        "array_record",
+    ],
+    extras_require={
+        # PyTorch twins for weight import/export and parity tests (CPU torch; see README).
+        "torch": ["torch==2.13.0", "diffusers>=0.40", "transformers>=5"],
+        "dev": [
+            "pytest",
+            "pytest-xdist",
+            "ruff",
+            "torch==2.13.0",
+            "diffusers>=0.40",
+            "transformers>=5",
+        ],
+    },
+    entry_points={"console_scripts": ["psa-jax=psa_jax.cli:main"]},
+)

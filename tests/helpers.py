@@ -1,0 +1,137 @@
+"""Shared test utilities: relative error, tiny random PyTorch twins and reference processors."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def rel_err(a, b) -> float:
+    """Relative L2 error ||a - b|| / ||b|| (b is the PyTorch reference)."""
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def perturb_(module, seed: int = 0, scale: float = 0.05) -> None:
+    """Add noise to every parameter so zero/one default inits cannot hide layout bugs."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
+SD15_LIKE = dict(
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(16, 32, 32),
+    layers_per_block=2,
+    attention_head_dim=2,  # diffusers' naming bug: this is the number of heads
+    cross_attention_dim=24,
+    norm_num_groups=8,
+)
+
+SDXL_LIKE = dict(
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(16, 32, 48),
+    layers_per_block=2,
+    attention_head_dim=(2, 4, 6),
+    transformer_layers_per_block=(1, 2, 3),
+    use_linear_projection=True,
+    upcast_attention=True,
+    cross_attention_dim=40,
+    norm_num_groups=8,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=20 + 6 * 8,  # pooled text (20) + 6 time ids
+)
+
+
+def tiny_torch_unet(config: dict, seed: int = 0):
+    """A random diffusers UNet2DConditionModel (fp32, eval mode) for a config dict."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**config).eval()
+    perturb_(unet, seed)
+    return unet
+
+
+def psa_reference_processor(hidden_size: int, cross_dim: int, num_tokens: int, scale: float):
+    """PyTorch reference of PSAlign's ``PSAAttnProcessor2_0`` (written from its semantics).
+
+    User tokens ride at the end of ``encoder_hidden_states`` (PSAlign's concatenated format);
+    the user branch is SDPA of the text queries over all T user tokens (for T=1 exactly
+    PSAlign), added with ``scale`` before ``to_out``. Keys: ``to_{k,v}_user.0.weight``.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    class Processor(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.to_k_user = torch.nn.ModuleList(
+                [torch.nn.Linear(cross_dim, hidden_size, bias=False)]
+            )
+            self.to_v_user = torch.nn.ModuleList(
+                [torch.nn.Linear(cross_dim, hidden_size, bias=False)]
+            )
+
+        def __call__(
+            self,
+            attn,
+            hidden_states,
+            encoder_hidden_states=None,
+            attention_mask=None,
+            temb=None,
+            **kwargs,
+        ):
+            b = hidden_states.shape[0]
+            end = encoder_hidden_states.shape[1] - num_tokens
+            text, user = encoder_hidden_states[:, :end], encoder_hidden_states[:, end:]
+
+            def heads(x):
+                return x.view(b, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
+
+            def merge(x):
+                return x.transpose(1, 2).reshape(b, -1, x.shape[1] * x.shape[3])
+
+            q = heads(attn.to_q(hidden_states))
+            out = merge(
+                F.scaled_dot_product_attention(q, heads(attn.to_k(text)), heads(attn.to_v(text)))
+            )
+            user_out = merge(
+                F.scaled_dot_product_attention(
+                    q, heads(self.to_k_user[0](user)), heads(self.to_v_user[0](user))
+                )
+            )
+            out = out + scale * user_out
+            return attn.to_out[1](attn.to_out[0](out))
+
+    return Processor()
+
+
+def psa_reference_projection(embed_dim: int, cross_dim: int, num_tokens: int):
+    """PSAlign's ``PSAProjection``: Linear(D -> T*cross) then LayerNorm(cross)."""
+    import torch
+
+    class Projection(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(embed_dim, num_tokens * cross_dim)
+            self.norm = torch.nn.LayerNorm(cross_dim)
+
+        def forward(self, x):
+            return self.norm(self.proj(x).reshape(-1, num_tokens, cross_dim))
+
+    return Projection()
