@@ -2,7 +2,7 @@
 
     psa-jax train --config configs/tiny.py --workdir /tmp/psa_tiny
 
-UNet (~0.4M params) on 4x16x16 latents of a tiny VAE (32 px RGB), a 2-layer CLIP text encoder
+UNet (~0.55M params) on 4x16x16 latents of a tiny VAE (32 px RGB), a 2-layer CLIP text encoder
 on CLIP's real BPE vocabulary, and a 384-d profile embedding (all-MiniLM-L6-v2, the offline
 profile encoder). Same code path as SD1.5, only smaller.
 """
@@ -23,23 +23,23 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
         "out_channels": 4,
         "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
         "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
-        "block_out_channels": [32, 64],
+        "block_out_channels": [32, 48],
         "layers_per_block": 1,
         "attention_head_dim": 4,
-        "cross_attention_dim": 64,
+        "cross_attention_dim": 32,
         "norm_num_groups": 8,
     }
     config.model.text_encoder = {
         "architectures": ["CLIPTextModel"],
         "vocab_size": 49408,
-        "hidden_size": 64,
-        "intermediate_size": 128,
+        "hidden_size": 32,
+        "intermediate_size": 64,
         "num_hidden_layers": 2,
         "num_attention_heads": 4,
         "max_position_embeddings": 77,
         "hidden_act": "quick_gelu",
         "layer_norm_eps": 1e-5,
-        "projection_dim": 64,
+        "projection_dim": 32,
         "bos_token_id": 49406,
         "eos_token_id": 49407,
         "pad_token_id": 49407,

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from psa_jax.models.compiled import jitted_apply
 from psa_jax.models.convert import (
     Params,
     WeightMismatchError,
@@ -291,7 +292,6 @@ class FlaxCLIPTextModel:
     module: CLIPTextModule
     params: Params
     with_projection: bool
-    _apply: Callable | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def init_random(
@@ -314,19 +314,17 @@ class FlaxCLIPTextModel:
 
     def __call__(self, input_ids: Any, attention_mask: Any | None = None) -> CLIPTextOutput:
         """``input_ids`` [B, L] ints; ``attention_mask`` [B, L] 1 = token, 0 = padding."""
-        if self._apply is None:
-            self._apply = jax.jit(self.module.apply)
         ids = jnp.asarray(input_ids, jnp.int32)
         mask = None if attention_mask is None else jnp.asarray(attention_mask)
-        return self._apply({"params": self.params}, ids, mask)
+        return jitted_apply(self.module)({"params": self.params}, ids, mask)
 
     @property
     def dtype(self) -> np.dtype:
         return jnp.dtype(jax.tree.leaves(self.params)[0].dtype)
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        """transformers-layout state dict (``text_model.``-prefixed keys), writable copies."""
-        return {k: np.array(v) for k, v in flax_to_torch(self.params).items()}
+        """transformers-layout state dict (``text_model.``-prefixed keys)."""
+        return flax_to_torch(self.params)
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         """Write ``config.json`` + ``model.safetensors`` that transformers (4 and 5) can load.
@@ -344,18 +342,14 @@ class FlaxCLIPTextModel:
 
 
 def _weights_path(folder: str | os.PathLike, variant: str | None) -> str:
-    for stem in ("model", "pytorch_model"):
+    """transformers names its weights ``model.safetensors`` (new) or ``pytorch_model.bin``."""
+    try:
+        return find_weights_file(folder, "model", variant)
+    except FileNotFoundError as err:
         try:
-            return find_weights_file(folder, stem, variant)
+            return find_weights_file(folder, "pytorch_model", variant)
         except FileNotFoundError:
-            pass
-    index = os.path.join(os.fspath(folder), "pytorch_model.bin.index.json")
-    if os.path.isfile(index):
-        return index
-    raise FileNotFoundError(
-        f"no text encoder weights in {folder}: looked for model[.safetensors|.safetensors.index"
-        ".json] and pytorch_model[.bin|.bin.index.json]"
-    )
+            raise FileNotFoundError(f"no text encoder weights in {folder}: {err}") from None
 
 
 def _has_projection(config: dict[str, Any], state: dict[str, Any]) -> bool:

@@ -222,7 +222,8 @@ def write_safetensors(
 
     tensors = {}
     for k, v in state_dict.items():
-        v = np.ascontiguousarray(v)
+        # A copy when needed: torch refuses to wrap read-only views of JAX buffers silently.
+        v = np.ascontiguousarray(v) if np.asarray(v).flags.writeable else np.array(v)
         if v.dtype.name == "bfloat16":
             tensors[k] = torch.from_numpy(v.view(np.int16)).view(torch.bfloat16)
         else:
@@ -239,6 +240,7 @@ def find_weights_file(folder: str | os.PathLike, stem: str, variant: str | None 
         f"{stem}.safetensors.index{suffix}.json",
         f"{stem}{suffix}.safetensors.index.json",
         f"{stem}{suffix}.bin",
+        f"{stem}{suffix}.bin.index.json",
     ]
     for name in candidates:
         if os.path.isfile(os.path.join(folder, name)):

@@ -18,6 +18,7 @@ import numpy as np
 
 from psa_jax.export.adapters import adapter_shape, export_adapter, import_adapter
 from psa_jax.models import convert
+from psa_jax.models.compiled import jitted_apply
 from psa_jax.models.unet import UNet2DConditionModel, UNetConfig
 
 WEIGHTS_STEM = "diffusion_pytorch_model"
@@ -84,7 +85,7 @@ class PSAUNet:
             num_user_tokens=self.num_user_tokens,
             dtype=self.dtype,
         )
-        self._apply = jax.jit(self.module.apply)
+        self._apply = jitted_apply(self.module)
 
     @property
     def variables(self) -> dict[str, Any]:
@@ -239,4 +240,15 @@ def load_unet(
     )
     return PSAUNet(
         config, params, user_embed_dim=user_embed_dim, num_user_tokens=num_user_tokens, dtype=dtype
+    )
+
+
+def unet_module_from_config(model_config: Any, dtype: Any = jnp.float32) -> UNet2DConditionModel:
+    """The UNet module a ``configs/*.py`` ``model`` section describes (adapter slots included)."""
+    adapter = model_config.adapter
+    return UNet2DConditionModel(
+        UNetConfig.from_diffusers_config(dict(model_config.unet)),
+        user_embed_dim=adapter.user_embed_dim,
+        num_user_tokens=adapter.num_user_tokens,
+        dtype=jnp.dtype(dtype),
     )

@@ -268,6 +268,7 @@ class DiagonalGaussian:
         return self.mean
 
 
+@partial(jax.jit, static_argnums=0)  # modules are hashable: one compile per architecture
 def _encode(module: AutoencoderKL, params: Params, images: jax.Array) -> DiagonalGaussian:
     moments = module.apply(
         {"params": params}, jnp.transpose(images, (0, 2, 3, 1)), method=AutoencoderKL.encode
@@ -275,6 +276,7 @@ def _encode(module: AutoencoderKL, params: Params, images: jax.Array) -> Diagona
     return DiagonalGaussian.from_moments(jnp.transpose(moments, (0, 3, 1, 2)), axis=1)
 
 
+@partial(jax.jit, static_argnums=0)
 def _decode(module: AutoencoderKL, params: Params, latents: jax.Array) -> jax.Array:
     out = module.apply(
         {"params": params}, jnp.transpose(latents, (0, 2, 3, 1)), method=AutoencoderKL.decode
@@ -285,8 +287,8 @@ def _decode(module: AutoencoderKL, params: Params, latents: jax.Array) -> jax.Ar
 class FlaxAutoencoderKL:
     """Config + module + params, with NCHW ``encode``/``decode`` like diffusers' AutoencoderKL.
 
-    ``encode``/``decode`` are jitted once per instance (retraced per input shape). Latents are
-    unscaled: diffusion latents are ``(z - shift_factor) * scaling_factor``.
+    ``encode``/``decode`` compile once per architecture and input shape, shared by instances.
+    Latents are unscaled: diffusion latents are ``(z - shift_factor) * scaling_factor``.
     """
 
     def __init__(self, config: VAEConfig, params: Params, dtype: Dtype = jnp.float32):
@@ -294,8 +296,6 @@ class FlaxAutoencoderKL:
         self.dtype = jnp.dtype(dtype)
         self.module = AutoencoderKL(config, dtype=self.dtype)
         self.params = params
-        self._encode = jax.jit(partial(_encode, self.module))
-        self._decode = jax.jit(partial(_decode, self.module))
 
     @property
     def scaling_factor(self) -> float:
@@ -308,11 +308,11 @@ class FlaxAutoencoderKL:
 
     def encode(self, images: jax.Array) -> DiagonalGaussian:
         """Images ``[B, C, H, W]`` in [-1, 1] -> posterior with NCHW ``mean``/``logvar``."""
-        return self._encode(self.params, jnp.asarray(images))
+        return _encode(self.module, self.params, jnp.asarray(images))
 
     def decode(self, latents: jax.Array) -> jax.Array:
         """Unscaled latents ``[B, latent, h, w]`` -> images ``[B, C, f*h, f*w]``."""
-        return self._decode(self.params, jnp.asarray(latents))
+        return _decode(self.module, self.params, jnp.asarray(latents))
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         """Write ``config.json`` + ``diffusion_pytorch_model.safetensors`` (diffusers layout)."""
@@ -320,10 +320,8 @@ class FlaxAutoencoderKL:
         os.makedirs(folder, exist_ok=True)
         with open(os.path.join(folder, "config.json"), "w") as f:
             json.dump(self.config.to_diffusers_config(), f, indent=2)
-        # np.array copies: read-only views of device buffers make torch.from_numpy warn.
-        state_dict = {k: np.array(v) for k, v in flax_to_torch(self.params).items()}
         write_safetensors(
-            state_dict,
+            flax_to_torch(self.params),
             os.path.join(folder, f"{WEIGHTS_NAME}.safetensors"),
             metadata={"format": "pt"},
         )

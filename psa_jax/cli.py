@@ -1,0 +1,39 @@
+"""``psa-jax`` command line: parses arguments and calls library functions, nothing more.
+
+Subcommands arrive with their issues (train, sample, export, eval, spqr, build-data, demo, ...);
+``info`` builds a config's models with random weights and runs them once, end to end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _info(args: argparse.Namespace) -> int:
+    from psa_jax.config import load_config
+    from psa_jax.models.smoke import run_models
+
+    report = run_models(load_config(args.config), seed=args.seed)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="psa-jax", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    info = sub.add_parser("info", help="build a config's models (random weights) and run them once")
+    info.add_argument("--config", default="configs/tiny.py", help="path to a configs/*.py file")
+    info.add_argument("--seed", type=int, default=0)
+    info.set_defaults(func=_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+"""The command line and config loading."""
+
+import pytest
+
+from psa_jax.cli import main
+from psa_jax.config import load_config
+
+
+def test_load_config_by_path():
+    config = load_config("configs/tiny.py")
+    assert config.name == "tiny"
+    assert config.model.unet["cross_attention_dim"] == config.model.text_encoder["hidden_size"]
+
+
+def test_missing_config_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.py"):
+        load_config(tmp_path / "nope.py")
+    (tmp_path / "bad.py").write_text("x = 1\n")
+    with pytest.raises(AttributeError, match="get_config"):
+        load_config(tmp_path / "bad.py")
+
+
+@pytest.mark.slow
+def test_info_runs_the_tiny_models_end_to_end(capsys):
+    import json
+
+    assert main(["info", "--config", "configs/tiny.py"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["shapes"]["eps_user"] == [2, 4, 16, 16]
+    assert report["shapes"]["decoded"] == [2, 3, 32, 32]
+    assert report["adapter_changes_untrained_output"] is False
+    assert 100_000 < report["parameters"]["unet"] < 1_000_000
