@@ -21,6 +21,7 @@ def mesh_config() -> ml_collections.ConfigDict:
                 ["conv_out", "tensor"],
                 ["norm", None],
                 ["user_embed", None],
+                ["vocab", None],
             ],
         }
     )

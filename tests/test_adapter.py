@@ -266,3 +266,11 @@ def test_real_psalign_profile_embedding_projects(base):
     assert np.isfinite(out).all()
     with pytest.raises(ValueError, match="user_embeds must be"):
         unet(x, t, ehs, added_cond_kwargs=added, user_embeds=user[:, :100])
+
+
+def test_ip_adapter_export_needs_t_dividing_4(base):
+    _, folder = base
+    unet = psa_jax.load_unet(folder, user_embed_dim=D, num_user_tokens=3)
+    with pytest.raises(ValueError, match="format='psalign'"):
+        export_adapter(unet.adapter, "diffusers-ip-adapter")
+    assert "psa_adapter.0.to_k_user.0.weight" in export_adapter(unet.adapter, "psalign")

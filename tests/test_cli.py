@@ -13,7 +13,7 @@ def test_load_config_by_path():
 
 
 def test_missing_config_is_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.py"):
+    with pytest.raises(FileNotFoundError, match=r"nope\.py"):
         load_config(tmp_path / "nope.py")
     (tmp_path / "bad.py").write_text("x = 1\n")
     with pytest.raises(AttributeError, match="get_config"):

@@ -100,8 +100,8 @@ def _tile_tokens(sd: dict[str, np.ndarray], cross_dim: int) -> dict[str, np.ndar
     t = w.shape[0] // cross_dim
     if IP_ADAPTER_TOKENS % t:
         raise ValueError(
-            f"a {t}-token adapter cannot be exported as a 4-token IP-Adapter "
-            "exactly (T must divide 4)"
+            f"a {t}-token adapter cannot be exported exactly as diffusers' 4-token IP-Adapter "
+            "(T must be 1, 2 or 4); export it with format='psalign' instead"
         )
     reps = IP_ADAPTER_TOKENS // t
     return {

@@ -284,8 +284,8 @@ def abstract_params(module: CLIPTextModule) -> Params:
 class FlaxCLIPTextModel:
     """A CLIP text encoder ready to run: config, linen module and (unboxed) params.
 
-    ``__call__`` is jitted once per instance; params are an argument, not a constant, so
-    replacing ``params`` with same-shaped arrays does not recompile.
+    ``__call__`` compiles once per architecture (shared by instances); params are an argument,
+    not a constant, so replacing ``params`` with same-shaped arrays does not recompile.
     """
 
     config: CLIPTextConfig
