@@ -2,6 +2,7 @@
 
 import json
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -110,3 +111,24 @@ def test_unsupported_config_is_named():
         UNetConfig.from_diffusers_config(
             {**SD15_LIKE, "down_block_types": ["AttnDownBlock2D", "DownBlock2D", "DownBlock2D"]}
         )
+
+
+def test_bfloat16_unet_tracks_fp32(twins):
+    # bf16 weights and compute: not a parity target, but must stay close and finite.
+    cfg, torch_unet, _, folder = twins
+    unet = psa_jax.load_unet(folder, dtype="bfloat16")
+    assert {str(x.dtype) for x in jax.tree.leaves(unet.params)} == {"bfloat16"}
+    x, t, ehs, added = _inputs(cfg)
+    out = np.asarray(unet(x, t, ehs, added_cond_kwargs=added), np.float32)
+    assert rel_err(out, _torch_forward(torch_unet, x, t, ehs, added)) < 5e-2
+
+
+def test_pipeline_root_folder_loads_its_unet(twins, tmp_path):
+    import shutil
+
+    _, _, unet, folder = twins
+    shutil.copytree(folder, tmp_path / "unet")
+    from_root = psa_jax.load_unet(tmp_path)
+    jax.tree.map(np.testing.assert_array_equal, from_root.params, unet.params)
+    with pytest.raises(FileNotFoundError, match=r"config\.json"):
+        psa_jax.load_unet(tmp_path / "nothing_here")

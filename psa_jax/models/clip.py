@@ -28,6 +28,7 @@ from psa_jax.models.compiled import jitted_apply
 from psa_jax.models.convert import (
     Params,
     WeightMismatchError,
+    component_folder,
     find_weights_file,
     flax_to_torch,
     read_config,
@@ -378,6 +379,7 @@ def load_text_encoder(
     Raises:
       WeightMismatchError: naming every missing, unexpected or mis-shaped key (file layout).
     """
+    path = component_folder(path, "text_encoder")
     raw = read_config(path)
     config = CLIPTextConfig.from_hf_config(raw)
     file = _weights_path(path, variant)

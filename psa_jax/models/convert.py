@@ -248,6 +248,18 @@ def find_weights_file(folder: str | os.PathLike, stem: str, variant: str | None 
     raise FileNotFoundError(f"no weights in {folder}: looked for {', '.join(candidates)}")
 
 
+def component_folder(folder: str | os.PathLike, subfolder: str) -> str:
+    """``folder`` itself if it holds a ``config.json``, else a diffusers pipeline's
+    ``folder/subfolder`` (``unet``, ``vae``, ``text_encoder``) when that one does."""
+    folder = os.fspath(folder)
+    nested = os.path.join(folder, subfolder)
+    if not os.path.isfile(os.path.join(folder, "config.json")) and os.path.isfile(
+        os.path.join(nested, "config.json")
+    ):
+        return nested
+    return folder
+
+
 def read_config(folder: str | os.PathLike) -> dict[str, Any]:
     path = os.path.join(os.fspath(folder), "config.json")
     if not os.path.isfile(path):

@@ -8,6 +8,7 @@ noise prediction like ``UNet2DConditionModel(...).sample``.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.core import meta
 
 from psa_jax.export.adapters import adapter_shape, export_adapter, import_adapter
 from psa_jax.models import convert
@@ -53,6 +55,24 @@ def init_variables(module: UNet2DConditionModel, rng: jax.Array | int = 0) -> di
     rng = jax.random.key(rng) if isinstance(rng, int) else rng
     inputs = _dummy_inputs(module.config, module.user_embed_dim)
     return jax.jit(lambda r: module.init(r, **inputs))(rng)
+
+
+@functools.cache
+def _adapter_init(module: UNet2DConditionModel):
+    """Jitted ``(base params, rng) -> fresh adapter``, one compile per architecture.
+
+    Only the adapter collection is created (mutable); the base params are used as given, so
+    no random base weights are made and thrown away.
+    """
+    inputs = _dummy_inputs(module.config, module.user_embed_dim)
+
+    def init(params, rng):
+        _, new = module.apply(
+            {"params": params}, **inputs, mutable=["adapter"], rngs={"params": rng}
+        )
+        return new["adapter"]
+
+    return jax.jit(init)
 
 
 class PSAUNet:
@@ -131,16 +151,8 @@ class PSAUNet:
         self.num_user_tokens = num_user_tokens or self.num_user_tokens
         self._set_module(user_embed_dim)
         rng = jax.random.key(rng) if isinstance(rng, int) else rng
-        inputs = _dummy_inputs(self.config, user_embed_dim)
-
-        # Only the adapter collection is created (mutable); the base params are used as given.
-        def init(params, r):
-            _, new = self.module.apply(
-                {"params": params}, **inputs, mutable=["adapter"], rngs={"params": r}
-            )
-            return new["adapter"]
-
-        self.adapter = jax.tree.map(np.asarray, _unbox(jax.jit(init)(self.params, rng)))
+        adapter = _adapter_init(self.module)(self.params, rng)
+        self.adapter = jax.tree.map(np.asarray, meta.unbox(adapter))
 
     def load_adapter(self, path: str | os.PathLike) -> None:
         """Load a PSAlign adapter (``.safetensors``, or ``.bin`` read with weights_only=True), a
@@ -169,12 +181,12 @@ class PSAUNet:
             path = os.path.join(path, "ip_adapter.safetensors")
         else:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        meta = {
+        metadata = {
             "format": format,
             "num_user_tokens": str(self.num_user_tokens),
             "user_embed_dim": str(self.user_embed_dim),
         }
-        convert.write_safetensors(state, path, metadata=meta)
+        convert.write_safetensors(state, path, metadata=metadata)
         return path
 
     # ---- base weights -----------------------------------------------------------------------
@@ -187,12 +199,6 @@ class PSAUNet:
             convert.flax_to_torch(self.params, dtype),
             os.path.join(folder, f"{WEIGHTS_STEM}.safetensors"),
         )
-
-
-def _unbox(tree):
-    from flax.core import meta
-
-    return meta.unbox(tree)
 
 
 def _adapter_file(path: str) -> str:
@@ -218,7 +224,7 @@ def load_unet(
     """Load a local diffusers UNet folder (``config.json`` + safetensors fp32/fp16/bf16).
 
     Args:
-      path: the ``unet`` folder of a diffusers pipeline.
+      path: a diffusers UNet folder, or a pipeline folder holding ``unet/``.
       num_user_tokens: T, user tokens made by the adapter's projection.
       user_embed_dim: profile embedding size D; ``None`` leaves the adapter slots to
         ``load_adapter`` (which reads D and T from the file).
@@ -228,6 +234,7 @@ def load_unet(
     Raises:
       WeightMismatchError: the checkpoint's keys or shapes do not fit the config.
     """
+    path = convert.component_folder(path, "unet")
     config = UNetConfig.from_diffusers_config(convert.read_config(path))
     weights = convert.find_weights_file(path, WEIGHTS_STEM, variant)
     module = UNet2DConditionModel(config, dtype=jnp.dtype(dtype))

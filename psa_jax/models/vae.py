@@ -24,6 +24,7 @@ import numpy as np
 from psa_jax.models.attention import Attention
 from psa_jax.models.convert import (
     Params,
+    component_folder,
     find_weights_file,
     flax_to_torch,
     read_config,
@@ -358,11 +359,7 @@ def load_vae(
       WeightMismatchError: naming every missing, unexpected and mis-shaped key.
       ValueError: the config asks for something this implementation does not build.
     """
-    folder = os.fspath(path)
-    if not os.path.isfile(os.path.join(folder, "config.json")) and os.path.isfile(
-        os.path.join(folder, "vae", "config.json")
-    ):
-        folder = os.path.join(folder, "vae")
+    folder = component_folder(path, "vae")
     config = VAEConfig.from_diffusers_config(read_config(folder))
     weights = find_weights_file(folder, WEIGHTS_NAME, variant)
     state_dict = rename_deprecated_keys(read_state_dict(weights))
