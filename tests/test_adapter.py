@@ -274,3 +274,12 @@ def test_ip_adapter_export_needs_t_dividing_4(base):
     with pytest.raises(ValueError, match="format='psalign'"):
         export_adapter(unet.adapter, "diffusers-ip-adapter")
     assert "psa_adapter.0.to_k_user.0.weight" in export_adapter(unet.adapter, "psalign")
+
+
+def test_wrapping_an_adapter_takes_its_shapes(base):
+    _, folder = base
+    unet = _psa_unet(folder, 4)
+    wrapped = PSAUNet(unet.config, unet.params, adapter=unet.adapter, num_user_tokens=4)
+    assert (wrapped.user_embed_dim, wrapped.num_user_tokens) == (D, 4)
+    with pytest.raises(ValueError, match="T=4"):
+        PSAUNet(unet.config, unet.params, adapter=unet.adapter)  # num_user_tokens defaults to 1

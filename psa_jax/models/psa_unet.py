@@ -91,8 +91,18 @@ class PSAUNet:
         self.config = config
         self.params = params
         self.adapter = adapter
-        self.num_user_tokens = num_user_tokens
         self.dtype = jnp.dtype(dtype)
+        if adapter is not None:  # the adapter's own shapes decide D and T, so they cannot drift
+            d, width = np.shape(meta.unbox(adapter)["user_proj"]["kernel"])
+            given = (user_embed_dim or d, num_user_tokens)
+            if given != (d, width // config.cross_attention_dim):
+                raise ValueError(
+                    f"adapter has D={d}, T={width // config.cross_attention_dim}; "
+                    f"got user_embed_dim={user_embed_dim}, "
+                    f"num_user_tokens={num_user_tokens}"
+                )
+            user_embed_dim = d
+        self.num_user_tokens = num_user_tokens
         self._set_module(user_embed_dim)
         if user_embed_dim is not None and adapter is None:
             self.init_adapter(user_embed_dim, num_user_tokens)
