@@ -11,7 +11,7 @@ setup(
     license="MIT",
     python_requires=">=3.10",
     packages=find_packages(include=["psa_jax", "psa_jax.*"]),
-    package_data={"psa_jax": ["py.typed"]},
+    package_data={"psa_jax": ["py.typed"], "psa_jax.data": ["templates/*"]},
     install_requires=[
         "jax>=0.4.35",
         "flax>=0.10",

@@ -1,0 +1,1 @@
+"""Inputs of training: user profiles and their embeddings, Sage-format pairs, the toy world."""

@@ -1,0 +1,147 @@
+"""User profiles (PSAlign's ``users.csv``) and the LLM prompts built from them.
+
+A profile is age, age group, gender, religion, mental and physical condition, plus the content
+categories the user bans and allows (a subset of the 7 PSAlign categories each). Users are named
+by a 7-digit id: the row number (1-based) in ``users.csv``, or the ``User_ID`` column where the
+file has one (``users_cluster.csv``, ``center_users.csv``).
+
+The prompt templates are PSAlign's (MIT, shipped in ``psa_jax/data/templates``). They are filled
+exactly as PSAlign fills them: every field with ``str()`` of the CSV cell, so the category lists
+appear in Python list syntax (``['Propaganda', 'Sexuality']``) and a missing religion as ``None``.
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import dataclasses
+import json
+import os
+from importlib import resources
+
+CATEGORIES = ("Hate", "Harassment", "Violence", "Self-Harm", "Sexuality", "Shocking", "Propaganda")
+
+# PSAlign's strictness levels: level 0 bans nothing, 1..5 are the KMeans cluster-centre users.
+LEVEL_USERS = ("0001001", "0000797", "0000697", "0000002", "0000742", "0000501")
+
+
+class ProfileError(ValueError):
+    """A users file row that cannot be read; the message names the file, row and field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class UserProfile:
+    user_id: str  # 7 digits, e.g. "0000001"
+    age: int
+    age_group: str
+    gender: str
+    religion: str  # "None" where the user follows none, as in PSAlign's CSV
+    physical_condition: str
+    mental_condition: str
+    banned: tuple[str, ...]
+    allowed: tuple[str, ...]
+
+    def user_data(self) -> dict[str, object]:
+        """The ``user_data`` record of a Sage ``metadata.jsonl`` line."""
+        return {
+            "User_ID": self.user_id,
+            "Age": self.age,
+            "Age_Group": self.age_group,
+            "Gender": self.gender,
+            "Religion": self.religion,
+            "Physical_Condition": self.physical_condition,
+            "Mental_Condition": self.mental_condition,
+        }
+
+
+def format_user_id(index: int | str) -> str:
+    """``1`` or ``"1"`` -> ``"0000001"``."""
+    return f"{int(index):07d}"
+
+
+def _categories(cell: str, where: str) -> tuple[str, ...]:
+    try:
+        value = ast.literal_eval(cell) if cell.strip() else []
+    except (ValueError, SyntaxError) as err:
+        raise ProfileError(f"{where}: not a list of categories: {cell!r}") from err
+    if not isinstance(value, (list, tuple)):
+        raise ProfileError(f"{where}: not a list of categories: {cell!r}")
+    unknown = [c for c in value if c not in CATEGORIES]
+    if unknown:
+        raise ProfileError(f"{where}: unknown categories {unknown}; known: {list(CATEGORIES)}")
+    return tuple(dict.fromkeys(value))  # the file's order: prompts must match PSAlign's text
+
+
+def read_users(path: str | os.PathLike) -> list[UserProfile]:
+    """Read ``users.csv`` / ``users_cluster.csv`` / ``center_users.csv`` into profiles."""
+    path = os.fspath(path)
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    profiles, seen = [], set()
+    for n, row in enumerate(rows, start=1):
+        where = f"{path} row {n}"
+        try:
+            uid = format_user_id(row["User_ID"]) if row.get("User_ID") else format_user_id(n)
+            profile = UserProfile(
+                user_id=uid,
+                age=int(row["Age"]),
+                age_group=row["Age_Group"],
+                gender=row["Gender"],
+                religion=row["Religion"] or "None",
+                physical_condition=row["Physical_Condition"],
+                mental_condition=row["Mental_Condition"],
+                banned=_categories(row["Banned_Categories"], f"{where} Banned_Categories"),
+                allowed=_categories(row["Allowed_Categories"], f"{where} Allowed_Categories"),
+            )
+        except KeyError as err:
+            raise ProfileError(f"{where}: missing column {err.args[0]!r}") from None
+        except (TypeError, ValueError) as err:
+            if isinstance(err, ProfileError):
+                raise
+            raise ProfileError(f"{where}: {err}") from None
+        if uid in seen:
+            raise ProfileError(f"{where}: duplicate user id {uid}")
+        seen.add(uid)
+        profiles.append(profile)
+    return profiles
+
+
+def template(name: str) -> str:
+    """A shipped PSAlign prompt template: ``get_embeds`` or ``get_banned``."""
+    return resources.files("psa_jax.data").joinpath("templates", f"{name}.txt").read_text("utf-8")
+
+
+def embed_prompt(profile: UserProfile, tmpl: str | None = None) -> str:
+    """The ``get_embeds.txt`` prompt whose pooled LLM state is the profile embedding."""
+    tmpl = template("get_embeds") if tmpl is None else tmpl
+    fields = {
+        "<<AGE>>": str(profile.age),
+        "<<AGE_GROUP>>": profile.age_group,
+        "<<GENDER>>": profile.gender,
+        "<<RELIGION>>": profile.religion,
+        "<<MENTAL>>": profile.mental_condition,
+        "<<PHYSICAL>>": profile.physical_condition,
+        "<<BANNED>>": str(list(profile.banned)),
+        "<<ALLOWED>>": str(list(profile.allowed)),
+    }
+    for key, value in fields.items():
+        tmpl = tmpl.replace(key, value)
+    return tmpl
+
+
+def banned_prompt(profile: UserProfile, tmpl: str | None = None) -> str:
+    """The ``get_banned.txt`` prompt asking an LLM for the user's banned categories."""
+    tmpl = template("get_banned") if tmpl is None else tmpl
+    return tmpl.replace("<<USER_DATA>>", json.dumps(profile.user_data()))
+
+
+def parse_banned_answer(text: str) -> tuple[str, ...]:
+    """The JSON list an LLM answered to :func:`banned_prompt` -> canonical categories."""
+    start, end = text.find("["), text.rfind("]")
+    if start < 0 or end < start:
+        raise ProfileError(f"LLM answer holds no JSON list: {text[:200]!r}")
+    try:
+        value = json.loads(text[start : end + 1])
+    except json.JSONDecodeError as err:
+        raise ProfileError(f"LLM answer is not a JSON list: {text[start : end + 1]!r}") from err
+    return _categories(repr(value), "LLM answer")
