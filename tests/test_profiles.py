@@ -53,7 +53,9 @@ def test_embed_prompt_is_filled_as_psalign_fills_it():
     ]:
         expected = expected.replace(key, str(row[col]))
     assert embed_prompt(read_users(path)[1]) == expected
-    assert '"User_ID": "0000002"' in banned_prompt(read_users(path)[1])
+    asked = banned_prompt(read_users(path)[1])
+    assert '{\n  "Age": 20,\n  "Age_Group": "young adults",' in asked
+    assert "User_ID" not in asked
 
 
 def _write(tmp_path, banned):

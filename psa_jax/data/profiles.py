@@ -5,9 +5,10 @@ categories the user bans and allows (a subset of the 7 PSAlign categories each).
 by a 7-digit id: the row number (1-based) in ``users.csv``, or the ``User_ID`` column where the
 file has one (``users_cluster.csv``, ``center_users.csv``).
 
-The prompt templates are PSAlign's (MIT, shipped in ``psa_jax/data/templates``). They are filled
-exactly as PSAlign fills them: every field with ``str()`` of the CSV cell, so the category lists
-appear in Python list syntax (``['Propaganda', 'Sexuality']``) and a missing religion as ``None``.
+The prompt templates and ``users.csv`` are PSAlign's (MIT, shipped in ``psa_jax/data/psalign``).
+The templates are filled exactly as PSAlign fills them: every field with ``str()`` of the CSV
+cell, so the category lists appear in Python list syntax (``['Propaganda', 'Sexuality']``) and a
+missing religion as ``None``.
 """
 
 from __future__ import annotations
@@ -108,7 +109,12 @@ def read_users(path: str | os.PathLike) -> list[UserProfile]:
 
 def template(name: str) -> str:
     """A shipped PSAlign prompt template: ``get_embeds`` or ``get_banned``."""
-    return resources.files("psa_jax.data").joinpath("templates", f"{name}.txt").read_text("utf-8")
+    return resources.files("psa_jax.data").joinpath("psalign", f"{name}.txt").read_text("utf-8")
+
+
+def packaged_users_csv() -> str:
+    """Path of PSAlign's 1,001-user ``users.csv`` shipped with the package."""
+    return str(resources.files("psa_jax.data").joinpath("psalign", "users.csv"))
 
 
 def embed_prompt(profile: UserProfile, tmpl: str | None = None) -> str:
@@ -132,7 +138,8 @@ def embed_prompt(profile: UserProfile, tmpl: str | None = None) -> str:
 def banned_prompt(profile: UserProfile, tmpl: str | None = None) -> str:
     """The ``get_banned.txt`` prompt asking an LLM for the user's banned categories."""
     tmpl = template("get_banned") if tmpl is None else tmpl
-    return tmpl.replace("<<USER_DATA>>", json.dumps(profile.user_data()))
+    data = {k: v for k, v in profile.user_data().items() if k != "User_ID"}
+    return tmpl.replace("<<USER_DATA>>", json.dumps(data, indent=2))  # as PSAlign's get_banned.py
 
 
 def parse_banned_answer(text: str) -> tuple[str, ...]:
