@@ -3,8 +3,9 @@
     psa-jax train --config configs/tiny.py --workdir /tmp/psa_tiny
 
 UNet (~0.55M params) on 4x16x16 latents of a tiny VAE (32 px RGB), a 2-layer CLIP text encoder
-on CLIP's real BPE vocabulary, and a 384-d profile embedding (all-MiniLM-L6-v2, the offline
-profile encoder). Same code path as SD1.5, only smaller.
+over the toy world's word-level tokenizer (ids 0/1/2 = BOS/EOS/UNK, at most 512 words, prompts of
+at most 32 tokens), and a 384-d profile embedding (all-MiniLM-L6-v2, the offline profile
+encoder). Same code path as SD1.5, only smaller.
 """
 
 import ml_collections
@@ -31,18 +32,18 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     }
     config.model.text_encoder = {
         "architectures": ["CLIPTextModel"],
-        "vocab_size": 49408,
+        "vocab_size": 512,
         "hidden_size": 32,
         "intermediate_size": 64,
         "num_hidden_layers": 2,
         "num_attention_heads": 4,
-        "max_position_embeddings": 77,
+        "max_position_embeddings": 32,
         "hidden_act": "quick_gelu",
         "layer_norm_eps": 1e-5,
         "projection_dim": 32,
-        "bos_token_id": 49406,
-        "eos_token_id": 49407,
-        "pad_token_id": 49407,
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+        "pad_token_id": 1,
     }
     config.model.vae = {
         "in_channels": 3,
