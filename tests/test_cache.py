@@ -1,0 +1,239 @@
+"""Frozen-encoder caches: equal a fresh encoder run, dedupe, reuse, versioning, loader batches."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL as TorchAutoencoderKL
+from test_sage_data import EMBEDS, NUM, _line, make_sage
+
+from psa_jax.data import cache as C
+from psa_jax.data.loader import SageLoader, augment_draws, decode_image, open_source
+from psa_jax.data.sage import build_data
+from psa_jax.data.tokenizer import build_word_tokenizer, tokenize
+from psa_jax.models.clip import CLIPTextConfig, FlaxCLIPTextModel
+from psa_jax.models.vae import load_vae
+
+RES = 16  # build-data resizes the 16x20 fixture images to 16x16
+TOL = 1e-6
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def _lines() -> list[dict]:
+    """12 records over 7 distinct images and 5 captions: images are shared across records, one
+    is used as chosen and as rejected, and one is a byte-identical copy under another name."""
+    lines = []
+    for i in range(NUM):
+        rec = _line(i)
+        rec["chosen"] = f"img/{i % 3:03d}_s.png"
+        rec["rejected"] = f"img/{i % 4:03d}_u.png"
+        rec["caption"] = f"a photo number {i % 5}"
+        lines.append(rec)
+    lines[10]["rejected"] = "img/001_s.png"  # chosen image of other records
+    lines[11]["chosen"] = "img/copy_of_002_s.png"
+    return lines
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("cache")
+    src = make_sage(str(root / "src"), _lines())
+    shutil.copy(os.path.join(src, "img/002_s.png"), os.path.join(src, "img/copy_of_002_s.png"))
+    build_data(src, root / "data", resolution=RES)
+    tokenizer = build_word_tokenizer([r["caption"] for r in _lines()], max_length=16)
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer.get_vocab()),
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=32,
+        eos_token_id=1,
+        bos_token_id=0,
+        pad_token_id=1,
+    )
+    torch.manual_seed(0)
+    tvae = TorchAutoencoderKL(
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        latent_channels=4,
+        sample_size=RES,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+    ).eval()
+    with torch.no_grad():
+        for p in tvae.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    tvae.save_pretrained(root / "vae")
+    return {
+        "data": str(root / "data"),
+        "tokenizer": tokenizer,
+        "text": FlaxCLIPTextModel.init_random(config, seed=0),
+        "vae": load_vae(root / "vae"),
+    }
+
+
+def build(world: dict, **kw) -> dict:
+    args = dict(text_encoder=world["text"], tokenizer=world["tokenizer"], vae=world["vae"])
+    return C.build_caches(world["data"], "sage", "train", batch_size=8, **{**args, **kw})
+
+
+@pytest.fixture(scope="module")
+def built(world) -> dict:
+    return build(world)
+
+
+def fresh_text(world: dict, captions, layer: str = "last") -> np.ndarray:
+    out = world["text"](tokenize(world["tokenizer"], list(captions)))
+    return np.asarray(out.last_hidden_state if layer == "last" else out.hidden_states[-2])
+
+
+def fresh_moments(world: dict, images_nhwc: np.ndarray) -> np.ndarray:
+    """Direct VAE run -> NHWC (mean, logvar), the cache's layout."""
+    post = world["vae"].encode(np.transpose(images_nhwc, (0, 3, 1, 2)))
+    return np.concatenate([post.mean, post.logvar], axis=1).transpose(0, 2, 3, 1)
+
+
+def test_cached_arrays_equal_a_fresh_encoder_run(world, built):
+    tables = C.load_caches(built["path"])
+    source = open_source(world["data"], "sage", "train")
+    assert tables.captions[0] == "" and tables.manifest["text_encoder"]["layer"] == "last"
+    for pos in range(len(source)):
+        rec = source[pos]
+        row = tables.position(int(rec["index"]))
+        for key in ("chosen", "rejected"):
+            image = decode_image(rec[key])
+            want = fresh_moments(world, np.stack([image, image[:, ::-1]]))
+            got = tables.moments[getattr(tables, f"{key}_row")[row]]
+            assert got.shape == (2, RES // 2, RES // 2, 8)
+            assert rel_err(got, want) <= TOL
+        caption = rec["caption"].decode()
+        assert tables.captions[tables.caption_row[row]] == caption
+        got = tables.text_states[tables.caption_row[row]]
+        assert rel_err(got, fresh_text(world, [caption])[0]) <= TOL
+    empty = tables.text_states[tables.EMPTY_ROW]
+    assert rel_err(empty, fresh_text(world, [""])[0]) <= TOL
+    pooled = np.asarray(world["text"](tokenize(world["tokenizer"], [""])).pooled)
+    assert rel_err(tables.text_pooled[0], pooled[0]) <= TOL
+
+
+def test_dedupe_counts_and_manifest(built):
+    assert built["counts"] == {"records": NUM, "images": 7, "captions": 6}
+    assert built["shapes"]["moments"] == [7, 2, RES // 2, RES // 2, 8]
+    assert built["shapes"]["text_states"] == [6, 16, 32]
+    path = built["path"]
+    assert path.startswith(C.cache_root(os.path.dirname(path).split("/sage/")[0], "sage", "train"))
+    with open(os.path.join(path, C.MANIFEST)) as f:
+        on_disk = json.load(f)
+    assert on_disk["dataset"]["fingerprint"] == built["dataset"]["fingerprint"]
+    text_sum, vae_sum = on_disk["text_encoder"]["checksum"], on_disk["vae"]["checksum"]
+    assert os.path.basename(path) == f"{text_sum[:12]}-{vae_sum[:12]}"
+    assert not [d for d in os.listdir(os.path.dirname(path)) if d.startswith(".")]  # no temp
+
+
+def test_second_build_reuses_without_encoding(world, built, monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("an encoder ran although a matching cache exists")
+
+    monkeypatch.setattr(C, "_encode_images", boom)
+    monkeypatch.setattr(C, "_encode_text", boom)
+    again = build(world)
+    assert again["path"] == built["path"] and again["build_seconds"] == built["build_seconds"]
+
+
+def test_stale_manifest_is_rebuilt_not_used(world, built, tmp_path, monkeypatch):
+    copy = tmp_path / "data"
+    shutil.copytree(world["data"], copy)
+    folder = os.path.join(C.cache_root(copy, "sage", "train"), os.path.basename(built["path"]))
+    manifest_path = os.path.join(folder, C.MANIFEST)
+    with open(manifest_path) as f:
+        manifest = json.load(f)
+    manifest["dataset"]["fingerprint"] = "0" * 64  # as if built from other records
+    with open(manifest_path, "w") as f:
+        json.dump(manifest, f)
+    calls = []
+    real = C._encode_text
+    monkeypatch.setattr(C, "_encode_text", lambda *a: calls.append(1) or real(*a))
+    with pytest.warns(UserWarning, match="does not match"):
+        rebuilt = build({**world, "data": str(copy)})
+    assert calls and rebuilt["dataset"]["fingerprint"] == built["dataset"]["fingerprint"]
+
+
+def test_other_params_other_folder_and_pixel_space_text_only(world, built):
+    other = dataclasses.replace(world["text"], params=FlaxCLIPTextModel.init_random(
+        world["text"].config, seed=1).params)  # fmt: skip
+    pixels = build({**world, "text": other}, vae=None, text_layer="penultimate")
+    assert C.params_checksum(other.params) != C.params_checksum(world["text"].params)
+    assert pixels["path"] != built["path"] and os.path.isdir(built["path"])
+    assert os.path.basename(pixels["path"]).endswith("-pixels-pen")
+    assert pixels["vae"] is None and "moments" not in pixels["shapes"]
+    assert not os.path.exists(os.path.join(pixels["path"], "moments.npy"))
+    tables = C.load_caches(os.path.join(pixels["path"], C.MANIFEST))
+    assert tables.moments is None
+    want = np.asarray(other(tokenize(world["tokenizer"], tables.captions)).hidden_states[-2])
+    assert rel_err(tables.text_states, want) <= TOL
+
+
+def test_params_checksum_is_stable_and_sensitive():
+    tree = {"b": {"kernel": np.arange(6, dtype=np.float32).reshape(2, 3)}, "a": np.ones(2)}
+    reordered = {"a": np.ones(2), "b": {"kernel": np.arange(6, dtype=np.float32).reshape(2, 3)}}
+    base = C.params_checksum(tree)
+    assert base == C.params_checksum(reordered)
+    assert (
+        base == "ab0b59882b3be63debca0a5af1c927af91e4248eb88cbaa44d8a73ec88046507"
+    )  # the same in every process and run
+    changed = [
+        {**tree, "a": np.ones(2, np.float32)},  # dtype
+        {**tree, "a": np.ones((2, 1))},  # shape
+        {**tree, "a": np.array([1.0, 2.0])},  # value
+        {"b": tree["b"], "c": tree["a"]},  # path
+    ]
+    assert len({base, *map(C.params_checksum, changed)}) == 5
+
+
+def collect(world, tables, n, **kw) -> list[dict]:
+    args = dict(batch_size=4, seed=0, embeddings=EMBEDS, num_threads=2)
+    it = SageLoader(world["data"], "sage", "train", caches=tables, **{**args, **kw})
+    return [next(it) for _ in range(n)]
+
+
+def test_loader_batches_with_caches_equal_a_direct_run(world, built):
+    tables = C.load_caches(built["path"])
+    batches = collect(world, tables, 6, caption_dropout=0.4)  # two epochs
+    flips = drops = 0
+    for b in batches:
+        assert b["chosen_moments"].shape == (4, RES // 2, RES // 2, 8)
+        assert b["text_states"].shape == (4, 16, 32) and b["text_pooled"].shape == (4, 32)
+        for key in ("chosen", "rejected"):  # the decoded (maybe flipped) pixels, encoded now
+            assert rel_err(b[f"{key}_moments"], fresh_moments(world, b[key])) <= TOL
+        assert rel_err(b["text_states"], fresh_text(world, b["caption"])) <= TOL
+        for i, e in zip(b["index"], b["epoch"]):
+            flip, drop = augment_draws(0, int(i), int(e), 0.4)
+            flips, drops = flips + flip, drops + drop
+    assert 0 < flips < 24 and 0 < drops < 24  # both orientations and both prompts were seen
+    lean = collect(world, tables, 6, caption_dropout=0.4, decode_pixels=False)
+    for b, full in zip(lean, batches):
+        assert "chosen" not in b and "rejected" not in b
+        assert all(np.array_equal(v, full[k]) for k, v in b.items())
+
+
+def test_loader_refuses_a_cache_for_other_data(world, built):
+    tables = C.load_caches(built["path"])
+    with pytest.raises(ValueError, match="this loader reads"):
+        collect(world, tables, 1, resolution=RES)  # the cache was built with resolution=None
+    shuffled = dataclasses.replace(tables, image_sha256=tables.image_sha256[::-1].copy())
+    with pytest.raises(ValueError, match="stale"):
+        collect(world, shuffled, 1)
+    with pytest.raises(ValueError, match="needs caches with VAE moments"):
+        collect(world, None, 1, decode_pixels=False)
