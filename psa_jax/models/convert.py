@@ -222,8 +222,11 @@ def write_safetensors(
 
     tensors = {}
     for k, v in state_dict.items():
-        # A copy when needed: torch refuses to wrap read-only views of JAX buffers silently.
-        v = np.ascontiguousarray(v) if np.asarray(v).flags.writeable else np.array(v)
+        # A C-ordered copy when needed: torch refuses read-only views of JAX buffers, and
+        # safetensors refuses non-contiguous (e.g. transposed) arrays.
+        v = np.asarray(v)
+        if not (v.flags.writeable and v.flags.c_contiguous):
+            v = np.array(v, order="C")
         if v.dtype.name == "bfloat16":
             tensors[k] = torch.from_numpy(v.view(np.int16)).view(torch.bfloat16)
         else:

@@ -261,11 +261,16 @@ def load_unet(
 
 
 def unet_module_from_config(model_config: Any, dtype: Any = jnp.float32) -> UNet2DConditionModel:
-    """The UNet module a ``configs/*.py`` ``model`` section describes (adapter slots included)."""
+    """The UNet module a ``configs/*.py`` ``model`` section describes (adapter slots included).
+
+    ``model.remat_policy`` (optional, default "none") picks the gradient-checkpointing policy,
+    one of :data:`psa_jax.models.unet.REMAT_POLICIES`.
+    """
     adapter = model_config.adapter
     return UNet2DConditionModel(
         UNetConfig.from_diffusers_config(dict(model_config.unet)),
         user_embed_dim=adapter.user_embed_dim,
         num_user_tokens=adapter.num_user_tokens,
         dtype=jnp.dtype(dtype),
+        remat_policy=model_config.get("remat_policy", "none"),
     )

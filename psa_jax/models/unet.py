@@ -6,11 +6,17 @@ feature maps are NHWC; the public wrapper (:mod:`psa_jax.models.psa_unet`) takes
 
 Config semantics follow diffusers exactly, including its historical naming bug: when
 ``num_attention_heads`` is unset, ``attention_head_dim`` is the *number of heads* (SD1.5: 8).
+
+Gradient checkpointing: ``remat_policy`` (one of :data:`REMAT_POLICIES`) wraps every
+``ResnetBlock2D`` and ``Transformer2DModel`` in ``nn.remat``. Parameter paths are unchanged
+(each wrapped block keeps its explicit ``name``), so checkpoints and the conversion table do not
+care which policy trained them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,6 +40,25 @@ from psa_jax.models.layers import (
 DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
 MID_BLOCKS = ("UNetMidBlock2DCrossAttn", None)
+
+# Gradient-checkpointing policies by config name: what each remat'd block keeps for the backward
+# pass (``None``: no remat, everything is kept). "full" keeps only block inputs and recomputes the
+# rest; "dots" keeps matmul/conv outputs; "dots_no_batch" keeps those without batch dimensions
+# (weight matmuls/convs, not attention's batched q.k / p.v einsums).
+REMAT_POLICIES: dict[str, Any] = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def remat_policy_fn(name: str) -> Any:
+    """The ``jax.checkpoint`` policy for a :data:`REMAT_POLICIES` name (``None`` for "none")."""
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat_policy {name!r}; choose one of {sorted(REMAT_POLICIES)}")
+    return REMAT_POLICIES[name]
+
 
 # diffusers config keys that must hold these values (anything else is a model we do not build).
 _REQUIRED = {
@@ -194,6 +219,18 @@ class UNetConfig:
         return self.block_out_channels[0] * 4
 
 
+@functools.cache
+def _remat_class(cls: type[nn.Module], policy_name: str) -> type[nn.Module]:
+    """``nn.remat(cls)`` with a named policy, made once per (class, policy).
+
+    Every argument is traced (no ``static_argnums``): the blocks take arrays, ``None`` or a
+    scale array only. Variable collections (``params``, ``adapter``) and rngs are all lifted,
+    so lazy adapter init works inside the checkpointed block.
+    """
+    policy = remat_policy_fn(policy_name)
+    return cls if policy is None else nn.remat(cls, policy=policy)
+
+
 def _listify(value):
     return [_listify(v) for v in value] if isinstance(value, tuple) else value
 
@@ -216,6 +253,7 @@ class UNet2DConditionModel(nn.Module):
     num_user_tokens: int = 1
     user_fast_path: bool = True
     dtype: Dtype = jnp.float32
+    remat_policy: str = "none"
 
     @nn.compact
     def __call__(
@@ -227,6 +265,7 @@ class UNet2DConditionModel(nn.Module):
         user_embeds: jax.Array | None = None,
         user_scale: float | jax.Array = 1.0,
     ) -> jax.Array:
+        remat_policy_fn(self.remat_policy)  # an unknown name fails before anything is built
         cfg = self.config
         b = sample.shape[0]
         timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (b,))
@@ -254,7 +293,8 @@ class UNet2DConditionModel(nn.Module):
             user_tokens = UserProjection(
                 self.num_user_tokens, cfg.cross_attention_dim, dtype=self.dtype, name="user_proj"
             )(user_embeds)
-        attn_kw = dict(context=ctx, user_tokens=user_tokens, user_scale=user_scale)
+        # Positional, all pytrees (user_tokens may be None): a traced argument of nn.remat.
+        attn_args = (ctx, user_tokens, jnp.asarray(user_scale))
 
         x = conv(cfg.block_out_channels[0], 3, dtype=self.dtype, name="conv_in")(
             sample.astype(self.dtype)
@@ -267,7 +307,7 @@ class UNet2DConditionModel(nn.Module):
                 if block_type == "CrossAttnDownBlock2D":
                     x = self._transformer(
                         i, _layer_count(cfg.transformer_layers[i], j), f"{name}.attentions.{j}"
-                    )(x, **attn_kw)
+                    )(x, *attn_args)
                 skips.append(x)
             if i < cfg.num_blocks - 1:
                 x = Downsample2D(
@@ -279,7 +319,7 @@ class UNet2DConditionModel(nn.Module):
                 skips.append(x)
 
         if cfg.mid_block_type is not None:
-            x = self._mid_block(x, emb, attn_kw)
+            x = self._mid_block(x, emb, attn_args)
 
         rev_channels = list(reversed(cfg.block_out_channels))
         rev_heads_idx = list(reversed(range(cfg.num_blocks)))
@@ -293,7 +333,7 @@ class UNet2DConditionModel(nn.Module):
                 if block_type == "CrossAttnUpBlock2D":
                     x = self._transformer(
                         src, _layer_count(cfg.transformer_layers[src], j), f"{name}.attentions.{j}"
-                    )(x, **attn_kw)
+                    )(x, *attn_args)
             if i < cfg.num_blocks - 1:
                 size = skips[-1].shape[1:3]  # diffusers' forward_upsample_size for odd sizes
                 x = Upsample2D(
@@ -304,8 +344,12 @@ class UNet2DConditionModel(nn.Module):
         x = conv(cfg.out_channels, 3, dtype=self.dtype, name="conv_out")(nn.silu(x))
         return x
 
+    def _remat(self, cls: type[nn.Module]) -> type[nn.Module]:
+        """``cls`` under this model's remat policy (``cls`` itself for "none")."""
+        return _remat_class(cls, self.remat_policy)
+
     def _resnet(self, out_channels: int, name: str, scale: float = 1.0) -> ResnetBlock2D:
-        return ResnetBlock2D(
+        return self._remat(ResnetBlock2D)(
             out_channels,
             self.config.norm_num_groups,
             self.config.norm_eps,
@@ -317,7 +361,7 @@ class UNet2DConditionModel(nn.Module):
     def _transformer(self, block: int, num_layers: int, name: str) -> Transformer2DModel:
         cfg = self.config
         heads = cfg.heads[block]
-        return Transformer2DModel(
+        return self._remat(Transformer2DModel)(
             heads=heads,
             dim_head=cfg.block_out_channels[block] // heads,
             num_layers=num_layers,
@@ -329,13 +373,13 @@ class UNet2DConditionModel(nn.Module):
             name=name,
         )
 
-    def _mid_block(self, x: jax.Array, emb: jax.Array, attn_kw: dict) -> jax.Array:
+    def _mid_block(self, x: jax.Array, emb: jax.Array, attn_args: tuple) -> jax.Array:
         cfg, last = self.config, self.config.num_blocks - 1
         scale = cfg.mid_block_scale_factor
         x = self._resnet(cfg.block_out_channels[-1], "mid_block.resnets.0", scale)(x, emb)
         layers = cfg.transformer_layers[-1]
         layers = layers[0] if isinstance(layers, (list, tuple)) else layers
-        x = self._transformer(last, layers, "mid_block.attentions.0")(x, **attn_kw)
+        x = self._transformer(last, layers, "mid_block.attentions.0")(x, *attn_args)
         return self._resnet(cfg.block_out_channels[-1], "mid_block.resnets.1", scale)(x, emb)
 
     def _text_time_embedding(self, added: dict[str, jax.Array] | None, b: int) -> jax.Array:

@@ -1,0 +1,1 @@
+"""Training: Diffusion-DPO for PSA adapters and plain denoising (base pretraining, LoRA)."""
