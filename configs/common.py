@@ -4,7 +4,12 @@ Modules name their weight axes logically ("embed", "heads", "mlp", "conv_out", .
 say which mesh axis each one is sharded over (MaxText style). Change sharding here, not in code.
 """
 
+import dataclasses
+
 import ml_collections
+
+from psa_jax.data.toy_world import ToyWorldConfig
+from psa_jax.train import optim
 
 
 def mesh_config() -> ml_collections.ConfigDict:
@@ -36,3 +41,105 @@ def adapter_config(user_embed_dim: int, num_user_tokens: int = 1) -> ml_collecti
             "user_scale": 1.0,
         }
     )
+
+
+def noise_config(prediction_type: str = "epsilon") -> ml_collections.ConfigDict:
+    """DDPM forward process of SD1.x/SDXL training (diffusers' scheduler_config.json keys)."""
+    return ml_collections.ConfigDict(
+        {
+            "beta_schedule": "scaled_linear",
+            "beta_start": 0.00085,
+            "beta_end": 0.012,
+            "num_train_timesteps": 1000,
+            "prediction_type": prediction_type,
+        }
+    )
+
+
+def data_config(**overrides) -> ml_collections.ConfigDict:
+    """Where pairs and profiles come from (see psa_jax/train/inputs.py)."""
+    cfg = ml_collections.ConfigDict(
+        {
+            "source": "toy",  # "toy" (Sage-mini, generated) or a Sage-format / built folder
+            "cache_dir": "",  # "": $PSA_JAX_CACHE or ~/.cache/psa_jax
+            "users_csv": "",  # "": the toy world's users (toy) / required for "minilm"
+            "embeddings": "minilm",  # "minilm" (offline, computed) or an embed-profiles folder
+            "train_split": "train",
+            "eval_split": "test_seen",  # held-out captions of seen users; "" = no eval
+            "resolution": ml_collections.config_dict.placeholder(int),
+            "skip_bad": False,
+            "flip": True,
+            "caption_dropout": 0.0,
+            "num_threads": 2,
+            "toy": dataclasses.asdict(ToyWorldConfig()),  # the generated world's size
+        }
+    )
+    cfg.update(overrides)
+    return cfg
+
+
+def optim_config(**overrides) -> ml_collections.ConfigDict:
+    """Optimizer (psa_jax/train/optim.py): AdamW or Adafactor, schedule, clipping; unknown keys
+    are errors."""
+    return optim.optim_config(**overrides)
+
+
+def train_config(**overrides) -> ml_collections.ConfigDict:
+    """Loop, batch, DPO and checkpoint settings shared by every task."""
+    cfg = ml_collections.ConfigDict(
+        {
+            "steps": 1000,
+            "batch_size": 8,  # global pairs (dpo) / images (denoise) per micro-batch
+            "accum_steps": 1,  # micro-batches per optimizer step
+            "beta": 5000.0,  # Diffusion-DPO beta (PSAlign)
+            "checkpoint_every": 100,
+            "keep_checkpoints": 3,
+            "async_checkpoint": True,
+            "eval_every": 100,
+            "eval_batches": 4,
+            "eval_batch_size": 8,
+            "eval_draws": 8,  # (noise, timestep) draws averaged per held-out pair (pair_acc)
+            "progress": True,
+            "denoise_target": "unet",  # task=denoise: "unet" (full) or "lora"
+            "image_key": "chosen",  # task=denoise: which image of a record to learn
+            "lora": {
+                "rank": 4,
+                "alpha": 4.0,
+                "targets": ["to_q", "to_k", "to_v", "to_out.0"],
+            },
+        }
+    )
+    cfg.update(overrides)
+    return cfg
+
+
+def debug_config() -> ml_collections.ConfigDict:
+    """Fault injection for tests: 0 = off."""
+    return ml_collections.ConfigDict({"kill_at_step": 0, "nan_at_step": 0})
+
+
+def add_training(
+    config: ml_collections.ConfigDict,
+    *,
+    optim: ml_collections.ConfigDict,
+    train: ml_collections.ConfigDict,
+    data: ml_collections.ConfigDict,
+    text_layer: str = "last",
+    dtype: str = "float32",
+) -> ml_collections.ConfigDict:
+    """The sections every trainable config has besides ``model.unet``/``model.adapter``."""
+    model = config.model
+    for key, value in (("dtype", dtype), ("init_seed", 0), ("pretrained", ""),
+                       ("base_workdir", ""), ("remat_policy", "none"),
+                       ("text_layer", text_layer)):  # fmt: skip
+        if key not in model:
+            model[key] = value
+    config.task = "dpo"
+    config.noise = noise_config()
+    config.data = data
+    config.optim = optim
+    config.train = train
+    config.mesh = mesh_config()
+    config.debug = debug_config()
+    config.seed = 0
+    return config

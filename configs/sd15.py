@@ -35,6 +35,11 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
         "mid_block_scale_factor": 1,
     }
     config.model.adapter = common.adapter_config(user_embed_dim=3584)
-    config.mesh = common.mesh_config()
-    config.seed = 0
-    return config
+    # PSAlign's SD1.5 recipe: AdamW lr 5e-6, 500 warmup steps, 5000 steps, batch 6 x 8.
+    return common.add_training(
+        config,
+        optim=common.optim_config(learning_rate=5e-6, warmup_steps=500),
+        train=common.train_config(steps=5000, batch_size=6, accum_steps=8, checkpoint_every=500),
+        data=common.data_config(source="", embeddings="", resolution=512, eval_split=""),
+        dtype="bfloat16",
+    )

@@ -37,6 +37,12 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
         "freq_shift": 0,
     }
     config.model.adapter = common.adapter_config(user_embed_dim=3584)
-    config.mesh = common.mesh_config()
-    config.seed = 0
-    return config
+    # PSAlign's SDXL recipe uses Adafactor; penultimate text states, as SDXL was trained.
+    return common.add_training(
+        config,
+        optim=common.optim_config(name="adafactor", learning_rate=1e-5, warmup_steps=500),
+        train=common.train_config(steps=5000, batch_size=4, accum_steps=8, checkpoint_every=500),
+        data=common.data_config(source="", embeddings="", resolution=1024, eval_split=""),
+        text_layer="penultimate",
+        dtype="bfloat16",
+    )

@@ -58,6 +58,10 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
         "scaling_factor": 1.0,
     }
     config.model.adapter = common.adapter_config(user_embed_dim=384)
-    config.mesh = common.mesh_config()
-    config.seed = 0
-    return config
+    config.model.base_workdir = ""  # a denoise run's UNet (a pretrained tiny base), if any
+    return common.add_training(
+        config,
+        optim=common.optim_config(learning_rate=1e-3, warmup_steps=10),
+        train=common.train_config(steps=300, batch_size=8, checkpoint_every=100),
+        data=common.data_config(),
+    )

@@ -28,14 +28,20 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--seed", type=int, default=0)
     info.set_defaults(func=_info)
     from psa_jax.data import embed, sage, toy_world
+    from psa_jax.train import trainer
 
-    for register in (toy_world.register, sage.register, embed.register):
+    for register in (toy_world.register, sage.register, embed.register, trainer.register):
         register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if getattr(args, "accepts_extra", False):  # train: --config.KEY=VALUE overrides
+        return args.func(args, extra)
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return args.func(args)
 
 

@@ -35,3 +35,45 @@ def load_config(path: str | os.PathLike, arg: str | None = None) -> ml_collectio
     if not hasattr(module, "get_config"):
         raise AttributeError(f"{path} defines no get_config(arg=None)")
     return module.get_config(arg) if arg is not None else module.get_config()
+
+
+def parse_value(text: str):
+    """A command-line value: a Python literal (``5``, ``1e-4``, ``True``, ``[1, 2]``, ``None``)
+    where it parses as one, else the string itself (``adamw``, ``/tmp/x``)."""
+    import ast
+
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def apply_overrides(
+    config: ml_collections.ConfigDict, overrides: list[str]
+) -> ml_collections.ConfigDict:
+    """Apply ``KEY=VALUE`` pairs (``train.steps=10``, ``optim.learning_rate=1e-4``) in order.
+
+    An unknown key is an error naming the keys that exist at that level: a typo must not train
+    with the default. Types are checked by ``ConfigDict`` (an int field takes ``5``, not ``"x"``).
+    """
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"config override {item!r} is not KEY=VALUE")
+        *parents, leaf = key.split(".")
+        node = config
+        for i, name in enumerate(parents):
+            if name not in node:
+                where = ".".join(parents[:i]) or "<config>"
+                raise KeyError(f"unknown config key {key!r}: {where} has {sorted(node.keys())}")
+            node = node[name]
+        if not isinstance(node, (ml_collections.ConfigDict, dict)) or leaf not in node:
+            have = sorted(node.keys()) if hasattr(node, "keys") else type(node).__name__
+            raise KeyError(
+                f"unknown config key {key!r}: {'.'.join(parents) or '<config>'} has {have}"
+            )
+        value = parse_value(text)
+        if isinstance(node[leaf], float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        node[leaf] = value
+    return config

@@ -40,3 +40,40 @@ def test_tiny_is_few_hundred_k_params():
     base, kv, proj = _counts(tiny.get_config())
     assert 100_000 < base < 1_000_000, base
     assert kv > 0 and proj == 384 * 32 + 32 + 2 * 32
+
+
+def test_overrides_set_typed_values_and_reject_unknown_keys():
+    import pytest
+
+    from psa_jax.config import apply_overrides
+    from psa_jax.train.trainer import config_overrides
+
+    items = config_overrides(
+        [
+            "--config.train.steps=7",
+            "--config.optim.learning_rate",
+            "3e-4",
+            "--config.data.toy.num_users=5",
+            "--config.data.resolution=32",
+        ]
+    )
+    cfg = apply_overrides(tiny.get_config(), items)
+    assert (cfg.train.steps, cfg.optim.learning_rate) == (7, 3e-4)
+    assert (cfg.data.toy.num_users, cfg.data.resolution) == (5, 32)
+    assert apply_overrides(tiny.get_config(), ["optim.learning_rate=1"]).optim.learning_rate == 1.0
+    with pytest.raises(KeyError, match="train has"):
+        apply_overrides(tiny.get_config(), ["train.stpes=3"])
+    with pytest.raises(KeyError, match="unknown config key"):
+        apply_overrides(tiny.get_config(), ["trian.steps=3"])
+    with pytest.raises(TypeError):
+        apply_overrides(tiny.get_config(), ["train.steps=many"])
+    with pytest.raises(SystemExit, match="unrecognized"):
+        config_overrides(["--steps=3"])
+
+
+def test_every_config_has_the_training_sections():
+    for module in (tiny, sd15, sdxl):
+        cfg = module.get_config()
+        for section in ("model", "noise", "data", "optim", "train", "mesh", "debug"):
+            assert section in cfg, (module.__name__, section)
+        assert cfg.task == "dpo" and cfg.train.beta == 5000.0

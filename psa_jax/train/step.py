@@ -1,0 +1,205 @@
+"""The train state and the one pure train step, shared by every task.
+
+``train_step(state, frozen, batch) -> (state, metrics)``: ``state`` holds only what trains
+(params, optimizer state, step, rng); ``frozen`` (the base UNet, possibly bf16) is a separate
+argument that is never differentiated, never donated and never checkpointed. A task says how a
+batch becomes a loss:
+
+* :class:`DPOTask` -- Diffusion-DPO of the PSA adapter; the reference is the same frozen base
+  with the adapter off (``user_embeds=None``), so no second UNet lives in memory.
+* :class:`DenoiseTask` -- the plain diffusion loss, training the full base (``"unet"``: tiny
+  base pretraining) or LoRA factors merged into the frozen base inside the loss (``"lora"``).
+
+Batches are NHWC, as the loader and the caches give them: ``chosen_moments``/``rejected_moments``
+(``[B, h, w, 2C]`` VAE mean and log-variance; a latent is sampled from them every step, as
+diffusers' ``latent_dist.sample()``), or pixels ``chosen``/``rejected`` for pixel-space models;
+``text_states`` ``[B, L, D]``; ``user_embeds`` ``[B, D]``; SDXL adds ``text_pooled`` and
+``time_ids``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from psa_jax.models.unet import UNet2DConditionModel
+from psa_jax.train import lora as lora_lib
+from psa_jax.train import noise as noise_lib
+from psa_jax.train.losses import denoise_loss, dpo_loss, per_sample_improvement
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a checkpoint needs to continue bit-exactly (with the data iterator state)."""
+
+    step: jax.Array  # int32 scalar: optimizer steps taken
+    params: Any  # the trainable tree only
+    opt_state: Any
+    rng: jax.Array  # uint32[2] raw key; each step folds in ``step``
+
+
+def clean_latents(batch: Batch, key: str, rng: jax.Array, scaling_factor: float) -> jax.Array:
+    """``[B, h, w, C]`` training latents of ``batch[key + "_moments"]`` (sampled from the VAE
+    posterior and scaled), or the pixels ``batch[key]`` themselves for pixel-space models."""
+    moments = batch.get(f"{key}_moments")
+    if moments is None:
+        return batch[key].astype(jnp.float32)
+    mean, logvar = jnp.split(moments.astype(jnp.float32), 2, axis=-1)
+    z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, jnp.float32)
+    return z * scaling_factor
+
+
+def _added_cond(batch: Batch, repeat: int) -> dict[str, jax.Array] | None:
+    if "time_ids" not in batch:
+        return None
+    tile = lambda x: jnp.concatenate([x] * repeat)  # noqa: E731
+    return {"text_embeds": tile(batch["text_pooled"]), "time_ids": tile(batch["time_ids"])}
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOTask:
+    """Diffusion-DPO of the PSA adapter (trainable = the ``adapter`` collection)."""
+
+    module: UNet2DConditionModel
+    schedule: noise_lib.NoiseSchedule
+    beta: float = 5000.0
+    scaling_factor: float = 0.18215
+
+    def _predictions(self, adapter: Any, frozen: Any, batch: Batch, rng: jax.Array):
+        """Policy and reference predictions for ``[chosen; rejected]`` and their target."""
+        r_w, r_l, r_noise, r_t = jax.random.split(rng, 4)
+        lat_w = clean_latents(batch, "chosen", r_w, self.scaling_factor)
+        lat_l = clean_latents(batch, "rejected", r_l, self.scaling_factor)
+        b = lat_w.shape[0]
+        noise = jax.random.normal(r_noise, lat_w.shape, jnp.float32)  # shared by the pair
+        t = noise_lib.sample_timesteps(r_t, b, self.schedule)  # shared by the pair
+        x0 = jnp.concatenate([lat_w, lat_l])
+        eps, tt = jnp.concatenate([noise, noise]), jnp.concatenate([t, t])
+        noisy = noise_lib.add_noise(self.schedule, x0, eps, tt)
+        target = noise_lib.training_target(self.schedule, x0, eps, tt)
+        ctx = jnp.concatenate([batch["text_states"]] * 2)
+        user = jnp.concatenate([batch["user_embeds"]] * 2)
+        added = _added_cond(batch, 2)
+        pred = self.module.apply(
+            {"params": frozen, "adapter": adapter}, noisy, tt, ctx, added, user_embeds=user
+        )
+        ref = jax.lax.stop_gradient(self.module.apply({"params": frozen}, noisy, tt, ctx, added))
+        return pred, ref, target, b
+
+    def loss(self, adapter: Any, frozen: Any, batch: Batch, rng: jax.Array):
+        pred, ref, target, b = self._predictions(adapter, frozen, batch, rng)
+        return dpo_loss(pred[:b], pred[b:], ref[:b], ref[b:], target[:b], target[b:], self.beta)
+
+    def margins(self, adapter: Any, frozen: Any, batch: Batch, rng: jax.Array) -> jax.Array:
+        """``[B]`` per-pair reward margin ``(ref_w - mse_w) - (ref_l - mse_l)`` for one
+        (noise, timestep) draw; its sign is the pair's implicit preference."""
+        pred, ref, target, b = self._predictions(adapter, frozen, batch, rng)
+        improve = per_sample_improvement(pred, ref, target)
+        return improve[:b] - improve[b:]
+
+
+@dataclasses.dataclass(frozen=True)
+class DenoiseTask:
+    """Plain diffusion loss on ``image_key`` latents; trainable = the full UNet params
+    (``target="unet"``, ``frozen`` unused) or LoRA factors (``target="lora"``)."""
+
+    module: UNet2DConditionModel
+    schedule: noise_lib.NoiseSchedule
+    target: str = "unet"
+    lora_scale: float = 1.0
+    image_key: str = "chosen"
+    scaling_factor: float = 0.18215
+
+    def __post_init__(self):
+        if self.target not in ("unet", "lora"):
+            raise ValueError(f"DenoiseTask.target must be 'unet' or 'lora', got {self.target!r}")
+
+    def loss(self, trainable: Any, frozen: Any, batch: Batch, rng: jax.Array):
+        r_x, r_noise, r_t = jax.random.split(rng, 3)
+        x0 = clean_latents(batch, self.image_key, r_x, self.scaling_factor)
+        noise = jax.random.normal(r_noise, x0.shape, jnp.float32)
+        t = noise_lib.sample_timesteps(r_t, x0.shape[0], self.schedule)
+        noisy = noise_lib.add_noise(self.schedule, x0, noise, t)
+        target = noise_lib.training_target(self.schedule, x0, noise, t)
+        if self.target == "unet":
+            params = trainable
+        else:
+            params = lora_lib.merge_lora(frozen, trainable, self.lora_scale)
+        added = _added_cond(batch, 1)
+        pred = self.module.apply({"params": params}, noisy, t, batch["text_states"], added)
+        return denoise_loss(pred, target)
+
+
+def _micro_batches(batch: Batch, accum: int) -> Batch:
+    """``[accum * m, ...]`` -> ``[accum, m, ...]`` taking rows ``i * accum + a`` for micro-batch
+    ``a``: each device's contiguous rows stay on that device (no resharding)."""
+
+    def split(x: jax.Array) -> jax.Array:
+        if x.shape[0] % accum:
+            raise ValueError(f"batch of {x.shape[0]} does not split into {accum} micro-batches")
+        return jnp.swapaxes(x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), 0, 1)
+
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(
+    loss_fn: Callable[[Any, Any, Batch, jax.Array], tuple[jax.Array, Metrics]],
+    optimizer: optax.GradientTransformation,
+    accum_steps: int = 1,
+) -> Callable[[TrainState, Any, Batch], tuple[TrainState, Metrics]]:
+    """The pure step: gradients of ``loss_fn`` w.r.t. ``state.params`` only (averaged over
+    ``accum_steps`` micro-batches with a scan), one optimizer update.
+
+    A non-finite loss or gradient norm leaves the state unchanged (``metrics["finite"] == 0``):
+    the trainer stops on it, and whatever it saves is the last good state.
+    """
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def train_step(state: TrainState, frozen: Any, batch: Batch) -> tuple[TrainState, Metrics]:
+        rng = jax.random.fold_in(state.rng, state.step)
+        if accum_steps == 1:
+            (loss, metrics), grads = grad_fn(state.params, frozen, batch, rng)
+        else:
+            micro = _micro_batches(batch, accum_steps)
+            keys = jax.random.split(rng, accum_steps)
+
+            def body(carry, xs):
+                return jax.tree.map(jnp.add, carry, grad_fn(state.params, frozen, *xs)), None
+
+            first = (jax.tree.map(lambda x: x[0], micro), keys[0])
+            shapes = jax.eval_shape(grad_fn, state.params, frozen, *first)
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+            ((loss, metrics), grads), _ = jax.lax.scan(body, zeros, (micro, keys))
+            loss, metrics, grads = jax.tree.map(lambda x: x / accum_steps, (loss, metrics, grads))
+        grad_norm = optax.tree.norm(grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
+        metrics = {**metrics, "loss": loss, "grad_norm": grad_norm}
+        metrics["param_norm"] = optax.tree.norm(new.params)
+        metrics["finite"] = finite.astype(jnp.float32)
+        return new, metrics
+
+    return train_step
+
+
+def init_state(params: Any, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
+    """Step 0: trainable ``params`` (fp32 master weights), fresh optimizer state, seeded rng."""
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=optimizer.init(params),
+        rng=jax.random.PRNGKey(seed),
+    )

@@ -1,0 +1,142 @@
+"""DPO loss against NumPy, the trainable tree, gradient accumulation, the non-finite guard."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax.core import meta
+
+from configs import tiny
+from psa_jax.models.psa_unet import _adapter_init, init_variables, unet_module_from_config
+from psa_jax.train import noise
+from psa_jax.train.losses import dpo_loss
+from psa_jax.train.step import DPOTask, init_state, make_train_step
+
+
+def numpy_dpo(pw, pl, rw, rl, tw, tl, beta):
+    """PSAlign's formula, written out in float64 NumPy."""
+    mse = lambda a, b: ((a - b) ** 2).reshape(len(a), -1).mean(1)  # noqa: E731
+    mw, ml, refw, refl = mse(pw, tw), mse(pl, tl), mse(rw, tw), mse(rl, tl)
+    inside = -0.5 * beta * ((mw - ml) - (refw - refl))
+    loss = np.mean(np.logaddexp(0.0, -inside))  # -log sigmoid(x) = log(1 + e^-x)
+    acc = np.mean((inside > 0) + 0.5 * (inside == 0))
+    return loss, {
+        "implicit_acc": acc,
+        "mse_w": mw.mean(),
+        "mse_l": ml.mean(),
+        "ref_mse_w": refw.mean(),
+        "ref_mse_l": refl.mean(),
+        "inside": inside.mean(),
+    }
+
+
+@pytest.mark.parametrize("beta", [5000.0, 1.0])
+def test_dpo_loss_and_metrics_equal_numpy(beta):
+    r = np.random.default_rng(0)
+    shape = (6, 4, 5, 3)
+    tw, tl = r.normal(size=shape), r.normal(size=shape)
+    rw, rl = tw + 0.3 * r.normal(size=shape), tl + 0.3 * r.normal(size=shape)
+    pw = rw + 1e-3 * r.normal(size=shape)  # small policy moves: inside spans both signs
+    pl = rl + 1e-3 * r.normal(size=shape)
+    pl[2], pw[2] = rl[2], rw[2]  # one pair exactly at the reference: inside == 0
+    args = [x.astype(np.float32) for x in (pw, pl, rw, rl, tw, tl)]
+    loss, metrics = jax.jit(dpo_loss, static_argnums=6)(*args, beta)
+    want_loss, want = numpy_dpo(*[a.astype(np.float64) for a in args], beta)
+    np.testing.assert_allclose(float(loss), want_loss, rtol=1e-5)
+    for k, v in want.items():
+        np.testing.assert_allclose(float(metrics[k]), v, rtol=1e-4, atol=1e-6, err_msg=k)
+    assert 0 < float(metrics["implicit_acc"]) < 1
+
+
+def test_dpo_gradient_pushes_toward_chosen():
+    """d loss / d policy_w points away from the target (lower chosen error lowers the loss)."""
+    r = np.random.default_rng(1)
+    t = r.normal(size=(2, 3, 3, 2)).astype(np.float32)
+    ref = t + 0.5
+    grad = jax.grad(lambda pw: dpo_loss(pw, ref, ref, ref, t, t, 10.0)[0])(ref)
+    assert float(jnp.sum(grad * (ref - t))) > 0
+
+
+@pytest.fixture(scope="module")
+def tiny_dpo():
+    cfg = tiny.get_config()
+    module = unet_module_from_config(cfg.model)
+    params = meta.unbox(init_variables(module, 0))["params"]
+    adapter = meta.unbox(_adapter_init(module)(params, jax.random.key(1)))
+    task = DPOTask(module, noise.make_noise_schedule(), 5000.0, 1.0)
+    r = np.random.default_rng(0)
+    batch = {
+        "chosen_moments": r.normal(size=(4, 16, 16, 8)).astype(np.float32),
+        "rejected_moments": r.normal(size=(4, 16, 16, 8)).astype(np.float32),
+        "text_states": r.normal(size=(4, 8, 32)).astype(np.float32),
+        "user_embeds": r.normal(size=(4, 384)).astype(np.float32),
+    }
+    return task, params, adapter, batch
+
+
+def _count(tree) -> int:
+    return sum(int(np.size(x)) for x in jax.tree.leaves(tree))
+
+
+def test_only_the_adapter_trains(tiny_dpo):
+    task, params, adapter, batch = tiny_dpo
+    opt = optax.adamw(1e-3)
+    state = init_state(adapter, opt, 0)
+    assert jax.tree.structure(state.params) == jax.tree.structure(adapter)
+    assert set(state.params) == {"user_proj", *[k for k in adapter if k != "user_proj"]}
+    n_adapter, n_base = _count(adapter), _count(params)
+    assert n_adapter < n_base / 10
+    # AdamW keeps two moments per trainable weight (+ scalar counts): nothing for the base.
+    assert 2 * n_adapter <= _count(state.opt_state) <= 2 * n_adapter + 8
+    grads = jax.grad(lambda a: task.loss(a, params, batch, jax.random.PRNGKey(0))[0])(adapter)
+    assert jax.tree.structure(grads) == jax.tree.structure(adapter)
+    # The base never reaches the optimizer, and a step leaves it bitwise unchanged.
+    step = jax.jit(make_train_step(task.loss, opt))
+    before = jax.tree.map(np.array, params)
+    new, metrics = step(state, params, batch)
+    assert float(metrics["finite"]) == 1.0 and np.isfinite(float(metrics["loss"]))
+    assert all(
+        np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(params))
+    )
+    changed = [
+        not np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(adapter))
+    ]
+    assert any(changed) and int(new.step) == 1
+
+
+def test_accumulation_equals_the_mean_of_micro_batch_gradients(tiny_dpo):
+    task, params, adapter, batch = tiny_dpo
+    opt = optax.sgd(1.0)  # the update is minus the gradient: compare gradients directly
+    state = init_state(adapter, opt, 0)
+    new, metrics = jax.jit(make_train_step(task.loss, opt, accum_steps=2))(state, params, batch)
+    rng = jax.random.fold_in(state.rng, 0)
+    keys = jax.random.split(rng, 2)
+    grad_fn = jax.jit(jax.value_and_grad(task.loss, has_aux=True))  # jit vs jit: same math
+    grads, losses = [], []
+    for a in range(2):  # micro-batch a holds rows a, a + 2 (each device keeps its rows)
+        mb = {k: v[a::2] for k, v in batch.items()}
+        (loss, _), g = grad_fn(adapter, params, mb, keys[a])
+        grads.append(g)
+        losses.append(float(loss))
+    got = np.concatenate(
+        [np.ravel(p - n) for p, n in zip(jax.tree.leaves(adapter), jax.tree.leaves(new.params))]
+    )
+    want = np.concatenate([np.ravel(g0 + g1) / 2 for g0, g1 in zip(*map(jax.tree.leaves, grads))])
+    assert np.linalg.norm(got - want) <= 1e-5 * np.linalg.norm(want)
+    np.testing.assert_allclose(float(metrics["loss"]), np.mean(losses), rtol=1e-6)
+
+
+def test_non_finite_step_changes_nothing(tiny_dpo):
+    task, params, adapter, batch = tiny_dpo
+    opt = optax.adamw(1e-3)
+    state = init_state(adapter, opt, 0)
+    bad = {**batch, "user_embeds": batch["user_embeds"].copy()}
+    bad["user_embeds"][1, 3] = np.nan
+    new, metrics = jax.jit(make_train_step(task.loss, opt))(state, params, bad)
+    assert float(metrics["finite"]) == 0.0 and int(new.step) == 0
+    for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(state)):
+        assert np.array_equal(np.asarray(a), np.asarray(b), equal_nan=True)

@@ -1,0 +1,158 @@
+"""The trainer end to end on a small Sage-mini world: resume after SIGKILL, NaN stop,
+two processes, and DPO learning held-out pairs.
+
+Subprocess runs share a JAX compilation cache, so the tiny DPO step compiles once per test
+session instead of once per process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import tiny
+from psa_jax.config import apply_overrides
+from psa_jax.train import inputs, trainer
+from psa_jax.train.checkpoint import Checkpointer, restore_host_params
+from psa_jax.train.metrics_io import last_per_step, read_metrics
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL_WORLD = [
+    "data.toy.num_users=6",
+    "data.toy.include_level_users=False",
+    "data.toy.concepts_per_category=1",
+    "data.toy.captions_per_concept=2",
+    "data.toy.num_unseen_users=2",
+    "data.toy.num_eval_seen_users=3",
+    "data.toy.num_benign=4",
+    "train.batch_size=4",
+    "train.eval_batch_size=4",
+    "train.eval_batches=1",
+    "train.eval_every=0",
+    "train.progress=False",
+]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("psa_cache"))
+
+
+def small_config(cache: str, *extra: str):
+    return apply_overrides(tiny.get_config(), [*SMALL_WORLD, f"data.cache_dir={cache}", *extra])
+
+
+def _env(cache: str) -> dict:
+    return dict(
+        os.environ,
+        PYTHONPATH=ROOT,
+        JAX_PLATFORMS="cpu",
+        JAX_COMPILATION_CACHE_DIR=os.path.join(cache, "jax_cache"),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
+
+
+def train_cmd(cache: str, workdir: str, *args: str) -> list[str]:
+    """``psa-jax train`` on the tiny config and the small world, as a subprocess command."""
+    config = os.path.join(ROOT, "configs", "tiny.py")
+    overrides = [f"--config.{o}" for o in (*SMALL_WORLD, f"data.cache_dir={cache}")]
+    base = [sys.executable, "-m", "psa_jax.cli", "train", "--config", config]
+    return [*base, "--workdir", workdir, *overrides, *args]
+
+
+def run_cli(cache: str, workdir: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        train_cmd(cache, workdir, *args),
+        env=_env(cache),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+def losses(workdir: str) -> dict[int, float]:
+    return {s: r["loss"] for s, r in last_per_step(read_metrics(workdir)).items() if "loss" in r}
+
+
+def leaves(tree) -> list[np.ndarray]:
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_is_bit_identical(cache, tmp_path):
+    n = 4
+    straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
+    common = ("--steps", str(2 * n), "--checkpoint-every", str(n))
+    proc = run_cli(cache, straight, *common)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_cli(cache, killed, *common, f"--config.debug.kill_at_step={n + 2}")
+    assert proc.returncode == -9, (proc.returncode, proc.stderr[-3000:])
+    assert Checkpointer(killed, read_only=True).latest_step() == n
+    assert max(losses(killed)) == n + 1  # step n+1 ran and was logged, then the kill
+    proc = run_cli(cache, killed, *common)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    want, got = losses(straight), losses(killed)
+    assert sorted(got) == list(range(1, 2 * n + 1))
+    assert [got[s] for s in range(n, 2 * n + 1)] == [want[s] for s in range(n, 2 * n + 1)]
+    a, cfg_a = restore_host_params(straight)
+    b, _ = restore_host_params(killed)
+    assert all(np.array_equal(x, y) for x, y in zip(leaves(a), leaves(b)))
+    assert cfg_a["task"] == "dpo" and cfg_a["train"]["steps"] == 2 * n
+    with open(os.path.join(killed, "summary.json")) as f:
+        assert json.load(f)["start_step"] == n
+
+
+def test_nan_stops_with_a_named_error_and_keeps_the_checkpoint(cache, tmp_path):
+    config = small_config(cache, "train.steps=4", "train.checkpoint_every=2", "debug.nan_at_step=3")
+    with pytest.raises(trainer.NonFiniteError, match="step 3: loss nan"):
+        trainer.train(config, tmp_path)
+    assert Checkpointer(tmp_path, read_only=True).all_steps() == [2]
+    params, _ = restore_host_params(tmp_path)
+    assert all(np.isfinite(x).all() for x in leaves(params))
+    assert max(losses(str(tmp_path))) == 2  # the poisoned step was never logged as trained
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_train_and_the_checkpoint_restores_in_one(cache, tmp_path):
+    config = small_config(cache)
+    models = inputs.load_base_models(config)
+    inputs.prepare_data(config, models)  # built once here; the two processes reuse it
+    workdir = str(tmp_path / "run")
+    port = _free_port()
+    procs = []
+    for i in range(2):
+        dist = ["--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2"]
+        cmd = train_cmd(
+            cache, workdir, "--steps", "3", "--checkpoint-every", "3", *dist, "--process-id", str(i)
+        )
+        procs.append(
+            subprocess.Popen(
+                cmd, env=_env(cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        )
+    outs = [p.communicate(timeout=900) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    out = outs[0][0]
+    summary = json.loads(out[out.index('{\n  "workdir"') :])
+    assert summary["step"] == 3 and summary["checkpoints"] == [3]
+    params, cfg = restore_host_params(workdir)  # this (pytest) process: one host, one device
+    assert cfg["task"] == "dpo"
+    assert all(np.isfinite(x).all() for x in leaves(params))
+    fresh = trainer.build_task(config, models).trainable
+    assert jax.tree.structure(params) == jax.tree.structure(fresh)
+    assert any(not np.array_equal(x, y) for x, y in zip(leaves(params), leaves(fresh)))
