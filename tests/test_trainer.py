@@ -19,6 +19,8 @@ import pytest
 
 from configs import tiny
 from psa_jax.config import apply_overrides
+from psa_jax.models.psa_unet import PSAUNet
+from psa_jax.models.unet import UNetConfig
 from psa_jax.train import inputs, trainer
 from psa_jax.train.checkpoint import Checkpointer, restore_host_params
 from psa_jax.train.metrics_io import last_per_step, read_metrics
@@ -118,6 +120,11 @@ def test_nan_stops_with_a_named_error_and_keeps_the_checkpoint(cache, tmp_path):
     params, _ = restore_host_params(tmp_path)
     assert all(np.isfinite(x).all() for x in leaves(params))
     assert max(losses(str(tmp_path))) == 2  # the poisoned step was never logged as trained
+    # The public API loads the adapter straight from the run folder.
+    unet = PSAUNet(UNetConfig.from_diffusers_config(dict(config.model.unet)), params={})
+    unet.load_adapter(tmp_path)
+    assert (unet.user_embed_dim, unet.num_user_tokens) == (384, 1)
+    assert all(np.array_equal(a, b) for a, b in zip(leaves(unet.adapter), leaves(params)))
 
 
 def _free_port() -> int:

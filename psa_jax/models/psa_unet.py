@@ -166,11 +166,16 @@ class PSAUNet:
 
     def load_adapter(self, path: str | os.PathLike) -> None:
         """Load a PSAlign adapter (``.safetensors``, or ``.bin`` read with weights_only=True), a
-        diffusers IP-Adapter file, or a folder holding one such ``*.safetensors`` file.
+        diffusers IP-Adapter file, a folder holding one such ``*.safetensors`` file, or a
+        ``psa-jax train`` run folder (its newest complete checkpoint).
 
         Creates the adapter slots from the file's shapes when this UNet has none yet.
         """
-        path = _adapter_file(os.fspath(path))
+        path = os.fspath(path)
+        if os.path.isdir(os.path.join(path, "checkpoints")):  # a psa_jax training run
+            self._load_run_adapter(path)
+            return
+        path = _adapter_file(path)
         state = convert.read_state_dict(path)
         d, t = adapter_shape(state, self.config.cross_attention_dim)
         if self.user_embed_dim is None:
@@ -178,6 +183,27 @@ class PSAUNet:
             self._set_module(d)
         ref = abstract_variables(self.module)["adapter"]
         self.adapter = import_adapter(state, ref, what=f"adapter file {path}")
+
+    def _load_run_adapter(self, workdir: str) -> None:
+        """The adapter of a ``psa-jax train`` run's newest checkpoint (a ``dpo`` run)."""
+        from psa_jax.train.checkpoint import restore_host_params
+
+        params, config = restore_host_params(workdir)
+        if config.get("task") != "dpo" or "user_proj" not in params:
+            raise ValueError(f"{workdir} is a {config.get('task')!r} run, not a PSA adapter run")
+        d, width = np.shape(params["user_proj"]["kernel"])
+        t = width // self.config.cross_attention_dim
+        if self.user_embed_dim is None:
+            self.num_user_tokens = t
+            self._set_module(d)
+        ref = meta.unbox(abstract_variables(self.module)["adapter"])
+        want = jax.tree.map(lambda x: tuple(x.shape), ref)
+        got = jax.tree.map(lambda x: tuple(np.shape(x)), params)
+        if want != got:
+            raise convert.WeightMismatchError(
+                f"adapter of run {workdir} does not fit this UNet: {got} vs {want}"
+            )
+        self.adapter = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
 
     def save_adapter(self, path: str | os.PathLike, format: str = "psalign") -> str:
         """Write the adapter as ``psalign`` safetensors, or a ``diffusers-ip-adapter`` folder

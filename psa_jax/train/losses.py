@@ -10,9 +10,14 @@ import jax
 import jax.numpy as jnp
 
 
+def _at_least_f32(*xs: jax.Array) -> jnp.dtype:
+    return jnp.promote_types(jnp.result_type(*xs), jnp.float32)
+
+
 def per_sample_mse(pred: jax.Array, target: jax.Array) -> jax.Array:
-    """``[B, ...]`` -> ``[B]`` mean squared error, computed in float32 whatever the inputs."""
-    err = jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32))
+    """``[B, ...]`` -> ``[B]`` mean squared error, in at least float32 (bf16 inputs promoted)."""
+    dtype = _at_least_f32(pred, target)
+    err = jnp.square(pred.astype(dtype) - target.astype(dtype))
     return err.reshape(err.shape[0], -1).mean(axis=1)
 
 
@@ -23,7 +28,8 @@ def per_sample_improvement(pred: jax.Array, ref: jax.Array, target: jax.Array) -
     (the policy starts as the reference), and subtracting them after reducing would lose the
     float32 digits that ``beta = 5000`` multiplies back up.
     """
-    p, r, t = (x.astype(jnp.float32) for x in (pred, ref, target))
+    dtype = _at_least_f32(pred, ref, target)
+    p, r, t = (x.astype(dtype) for x in (pred, ref, target))
     d = (r - p) * (r + p - 2.0 * t)
     return d.reshape(d.shape[0], -1).mean(axis=1)
 

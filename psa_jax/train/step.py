@@ -195,8 +195,11 @@ def make_train_step(
 
 
 def init_state(params: Any, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
-    """Step 0: trainable ``params`` (fp32 master weights), fresh optimizer state, seeded rng."""
-    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+    """Step 0: trainable ``params`` (master weights at least fp32, even for a bf16 base), fresh
+    optimizer state, seeded rng."""
+    params = jax.tree.map(
+        lambda x: jnp.asarray(x, jnp.promote_types(jnp.result_type(x), jnp.float32)), params
+    )
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,

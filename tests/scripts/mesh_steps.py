@@ -1,0 +1,96 @@
+"""Run 5 DPO steps of the tiny model on several meshes; print losses and params as JSON.
+
+Run with XLA_FLAGS=--xla_force_host_platform_device_count=8 (tests/test_train_mesh.py does).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import jax
+import numpy as np
+import optax
+from flax.core import meta
+
+from configs import tiny
+from psa_jax.models.psa_unet import _adapter_init, abstract_variables, unet_module_from_config
+from psa_jax.train import noise, sharding
+from psa_jax.train.step import DPOTask, init_state, make_train_step
+
+STEPS, BATCH = 5, 8
+
+
+def batches():
+    r = np.random.default_rng(0)
+    for _ in range(STEPS):
+        yield {
+            "chosen_moments": r.normal(size=(BATCH, 16, 16, 8)).astype(np.float32),
+            "rejected_moments": r.normal(size=(BATCH, 16, 16, 8)).astype(np.float32),
+            "text_states": r.normal(size=(BATCH, 8, 32)).astype(np.float32),
+            "user_embeds": r.normal(size=(BATCH, 384)).astype(np.float32),
+        }
+
+
+def run(shape: dict, devices, dtype) -> dict:
+    cfg = tiny.get_config()
+    cfg.mesh.shape = shape
+    module = unet_module_from_config(cfg.model, dtype=dtype)
+    boxes = abstract_variables(module)
+    params = meta.unbox(jax.jit(module.init)(jax.random.key(0), **_dummy(module))["params"])
+    params = jax.tree.map(lambda x: np.asarray(x, dtype), params)
+    adapter_boxed = _adapter_init(module)(params, jax.random.key(1))
+    # A trained-sized adapter: with a near-zero one the DPO logit is beta x (policy - reference)
+    # of two almost equal forward passes, and 1e-7 reduction-order noise dominates it.
+    rand = np.random.default_rng(1)
+    adapter = jax.tree.map(
+        lambda x: (np.asarray(x) + 0.5 * rand.standard_normal(np.shape(x))).astype(dtype),
+        meta.unbox(adapter_boxed),
+    )
+    task = DPOTask(module, noise.make_noise_schedule(), 5000.0, 1.0)
+    opt = optax.adamw(1e-3)
+    mesh = sharding.make_mesh(cfg.mesh, devices)
+    rules = sharding.logical_rules(cfg.mesh)
+    boxed_state = jax.eval_shape(lambda p: init_state(p, opt, 0), adapter_boxed)
+    state_sh = sharding.tree_shardings(boxed_state, mesh, rules)
+    frozen_sh = sharding.tree_shardings(boxes["params"], mesh, rules)
+    state = jax.jit(lambda p: init_state(p, opt, 0), out_shardings=state_sh)(
+        sharding.put_tree(adapter, state_sh.params)
+    )
+    frozen = sharding.put_tree(params, frozen_sh)
+    step = jax.jit(
+        make_train_step(task.loss, opt),
+        in_shardings=(state_sh, frozen_sh, sharding.batch_sharding(mesh)),
+        out_shardings=(state_sh, sharding.replicated(mesh)),
+        donate_argnums=(0,),
+    )
+    losses = []
+    for b in batches():
+        gb = jax.device_put(b, sharding.batch_sharding(mesh))
+        state, m = step(state, frozen, gb)
+        losses.append(float(m["loss"]))
+    sharded = sorted({str(s.spec) for s in jax.tree.leaves(state_sh.params)})
+    leaves = [np.asarray(x).ravel() for x in jax.tree.leaves(state.params)]
+    return {"losses": losses, "params": np.concatenate(leaves).tolist(), "specs": sharded}
+
+
+def _dummy(module):
+    from psa_jax.models.psa_unet import _dummy_inputs
+
+    return _dummy_inputs(module.config, module.user_embed_dim)
+
+
+def main() -> None:
+    """argv: JSON {name: mesh shape} ("single" runs on one device), then float32|float64."""
+    shapes, dtype = json.loads(sys.argv[1]), sys.argv[2]
+    if dtype == "float64":
+        jax.config.update("jax_enable_x64", True)
+    out = {}
+    for name, shape in shapes.items():
+        devices = jax.devices()[:1] if name == "single" else jax.devices()
+        out[name] = run(shape, devices, np.dtype(dtype))
+    print("RESULT " + json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
