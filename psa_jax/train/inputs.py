@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import jax
 import numpy as np
 from flax.core import meta
-from jax.experimental import multihost_utils
+from orbax.checkpoint import multihost
 
 from psa_jax.data import cache as cache_lib
 from psa_jax.data import embed, sage, toy_world
@@ -48,16 +48,28 @@ def cache_root(config: Any) -> str:
     return os.path.abspath(os.path.expanduser(root or "~/.cache/psa_jax"))
 
 
+def barrier(name: str, timeout_s: int = 4 * 3600) -> None:
+    """Wait until every process reaches ``name`` (unique per call site and run).
+
+    A key-value barrier of the coordination service, not a device collective: a collective
+    would start CPU/gloo communication, whose context set-up times out after 30 s while one
+    process is still building data or compiling encoders.
+    """
+    if jax.process_count() > 1:
+        sync = multihost.get_barrier_sync_fn()
+        sync(key=f"psa_jax:{name}", timeout_ms=timeout_s * 1000)
+
+
 def process_zero_first(fn: Callable[[], T], tag: str) -> T:
     """Run ``fn`` on process 0, then on the others (which find its files on a shared file
     system, or make their own). One process: just ``fn()``."""
     if jax.process_count() == 1:
         return fn()
     out = fn() if jax.process_index() == 0 else None
-    multihost_utils.sync_global_devices(f"psa_jax:{tag}:0")
+    barrier(f"{tag}:0")
     if jax.process_index() != 0:
         out = fn()
-    multihost_utils.sync_global_devices(f"psa_jax:{tag}:1")
+    barrier(f"{tag}:1")
     return out
 
 

@@ -264,6 +264,8 @@ def train(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
         desc=f"{config.task} {config.get('name', '')}",
         dynamic_ncols=True,
     )
+    # Every process reaches the first collective (the step) together; see inputs.barrier.
+    inputs.barrier(f"ready:{workdir}:{start}")
     try:
         tick = time.perf_counter()
         for step in range(start + 1, total + 1):
