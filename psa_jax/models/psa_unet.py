@@ -286,15 +286,18 @@ def load_unet(
     )
 
 
-def unet_module_from_config(model_config: Any, dtype: Any = jnp.float32) -> UNet2DConditionModel:
+def unet_module_from_config(
+    model_config: Any, dtype: Any = jnp.float32, unet_config: UNetConfig | None = None
+) -> UNet2DConditionModel:
     """The UNet module a ``configs/*.py`` ``model`` section describes (adapter slots included).
 
-    ``model.remat_policy`` (optional, default "none") picks the gradient-checkpointing policy,
-    one of :data:`psa_jax.models.unet.REMAT_POLICIES`.
+    ``unet_config`` (a pretrained folder's) replaces ``model.unet``. ``model.remat_policy``
+    (optional, default "none") picks the gradient-checkpointing policy, one of
+    :data:`psa_jax.models.unet.REMAT_POLICIES`.
     """
     adapter = model_config.adapter
     return UNet2DConditionModel(
-        UNetConfig.from_diffusers_config(dict(model_config.unet)),
+        unet_config or UNetConfig.from_diffusers_config(dict(model_config.unet)),
         user_embed_dim=adapter.user_embed_dim,
         num_user_tokens=adapter.num_user_tokens,
         dtype=jnp.dtype(dtype),

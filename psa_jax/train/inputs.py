@@ -34,7 +34,7 @@ from psa_jax.data.loader import SageLoader
 from psa_jax.data.tokenizer import build_word_tokenizer, load_tokenizer
 from psa_jax.models.clip import CLIPTextConfig, FlaxCLIPTextModel, load_text_encoder
 from psa_jax.models.psa_unet import init_variables, load_unet, unet_module_from_config
-from psa_jax.models.unet import UNet2DConditionModel, UNetConfig
+from psa_jax.models.unet import UNet2DConditionModel
 from psa_jax.models.vae import AutoencoderKL, FlaxAutoencoderKL, VAEConfig, load_vae
 from psa_jax.train import noise as noise_lib
 
@@ -93,17 +93,6 @@ class BaseModels:
     scaling_factor: float
 
 
-def _module(model_cfg: Any, unet_cfg: UNetConfig, dtype: Any) -> UNet2DConditionModel:
-    adapter = model_cfg.adapter
-    return UNet2DConditionModel(
-        unet_cfg,
-        user_embed_dim=adapter.user_embed_dim,
-        num_user_tokens=adapter.num_user_tokens,
-        remat_policy=model_cfg.get("remat_policy", "none"),
-        dtype=jax.numpy.dtype(dtype),
-    )
-
-
 def load_base_models(config: Any) -> BaseModels:
     """Frozen UNet / text encoder / VAE in ``config.model.dtype`` (see module docstring)."""
     model = config.model
@@ -121,7 +110,7 @@ def load_base_models(config: Any) -> BaseModels:
         text = load_text_encoder(os.path.join(root, "text_encoder"), dtype=dtype)
         vae = load_vae(root, dtype=dtype)
         tokenizer = load_tokenizer(root)
-        module = _module(model, unet.config, dtype)
+        module = unet_module_from_config(model, dtype, unet.config)
         params = unet.params
         scaling = vae.scaling_factor
         sched_file = os.path.join(root, "scheduler", "scheduler_config.json")
@@ -132,15 +121,14 @@ def load_base_models(config: Any) -> BaseModels:
                 )
         return BaseModels(module, params, text, vae, tokenizer, schedule, scaling)
 
-    unet_cfg = UNetConfig.from_diffusers_config(dict(model.unet))
-    module = _module(model, unet_cfg, dtype)
+    module = unet_module_from_config(model, dtype)
     if model.get("base_workdir"):
         from psa_jax.train.checkpoint import restore_host_params
 
         params, _ = restore_host_params(model.base_workdir)
     else:
-        base = unet_module_from_config(model)
-        params = meta.unbox(init_variables(base, seed))["params"]
+        # Initialised in float32 (then cast): the same weights whatever the compute dtype.
+        params = meta.unbox(init_variables(unet_module_from_config(model), seed))["params"]
     params = jax.tree.map(lambda x: np.asarray(x).astype(dtype), params)
     text_cfg = CLIPTextConfig.from_hf_config(dict(model.text_encoder))
     text = FlaxCLIPTextModel.init_random(text_cfg, seed=seed + 1, dtype=dtype)
