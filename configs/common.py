@@ -101,7 +101,8 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
             "eval_draws": 8,  # (noise, timestep) draws averaged per held-out pair (pair_acc)
             "progress": True,
             "denoise_target": "unet",  # task=denoise: "unet" (full) or "lora"
-            "image_key": "chosen",  # task=denoise: which image of a record to learn
+            "image_key": "chosen",  # task=denoise: "chosen", "rejected" or "both"
+            "vae_kl_weight": 1e-6,  # task=vae: KL weight next to the reconstruction MSE
             "lora": {
                 "rank": 4,
                 "alpha": 4.0,
@@ -130,7 +131,7 @@ def add_training(
     """The sections every trainable config has besides ``model.unet``/``model.adapter``."""
     model = config.model
     for key, value in (("dtype", dtype), ("init_seed", 0), ("pretrained", ""),
-                       ("base_workdir", ""), ("remat_policy", "none"),
+                       ("base_workdir", ""), ("vae_path", ""), ("remat_policy", "none"),
                        ("text_layer", text_layer)):  # fmt: skip
         if key not in model:
             model[key] = value

@@ -1,6 +1,17 @@
 """The embedded default: a tiny SD-shaped model that trains on a 2-core CPU in minutes.
 
-    psa-jax train --config configs/tiny.py --workdir /tmp/psa_tiny
+Three stages, as a real base model was made before PSA trained on it (``get_config(arg)``):
+
+    psa-jax train --config configs/tiny.py:vae  --workdir runs/tiny/vae
+    psa-jax train --config configs/tiny.py:base --workdir runs/tiny/base \
+        --config.model.vae_path=runs/tiny/vae
+    psa-jax train --config configs/tiny.py      --workdir runs/tiny/dpo \
+        --config.model.vae_path=runs/tiny/vae --config.model.base_workdir=runs/tiny/base
+
+``vae``: the autoencoder on the world's pictures (writes ``<workdir>/vae``, a diffusers folder
+with its measured ``scaling_factor``); ``base``: the UNet learns every picture with its caption
+(safe and marked alike, so the base draws the marker about half the time); ``dpo`` (default):
+the PSA adapter. Without the first two the DPO stage still runs, on random frozen models.
 
 UNet (~0.55M params) on 4x16x16 latents of a tiny VAE (32 px RGB), a 2-layer CLIP text encoder
 over the toy world's word-level tokenizer (ids 0/1/2 = BOS/EOS/UNK, at most 512 words, prompts of
@@ -12,9 +23,13 @@ import ml_collections
 
 from configs import common
 
+STAGES = ("dpo", "vae", "base")
+
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
-    del arg
+    stage = arg or "dpo"
+    if stage not in STAGES:
+        raise ValueError(f"configs/tiny.py stage {stage!r} unknown; stages: {STAGES}")
     config = ml_collections.ConfigDict()
     config.name = "tiny"
     config.model = ml_collections.ConfigDict()
@@ -59,6 +74,19 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     }
     config.model.adapter = common.adapter_config(user_embed_dim=384)
     config.model.base_workdir = ""  # a denoise run's UNet (a pretrained tiny base), if any
+    config.model.vae_path = ""  # a vae run's folder (the trained tiny VAE), if any
+    if stage != "dpo":  # pretraining stages: cosine decay over the whole run, 16 pairs a step
+        steps = {"vae": 800, "base": 1500}[stage]
+        config = common.add_training(
+            config,
+            optim=common.optim_config(learning_rate=2e-3, schedule="cosine", total_steps=steps,
+                                      end_lr_factor=0.05, warmup_steps=20, weight_decay=0.0),
+            train=common.train_config(steps=steps, batch_size=16, checkpoint_every=steps // 2,
+                                      eval_every=steps // 4, image_key="both"),
+            data=common.data_config(),
+        )  # fmt: skip
+        config.task = {"vae": "vae", "base": "denoise"}[stage]
+        return config
     return common.add_training(
         config,
         optim=common.optim_config(learning_rate=1e-3, warmup_steps=10),

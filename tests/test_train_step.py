@@ -13,7 +13,14 @@ from configs import tiny
 from psa_jax.models.psa_unet import _adapter_init, init_variables, unet_module_from_config
 from psa_jax.train import noise
 from psa_jax.train.losses import dpo_loss
-from psa_jax.train.step import DPOTask, init_state, make_train_step
+from psa_jax.train.step import (
+    DenoiseTask,
+    DPOTask,
+    VAETask,
+    init_state,
+    latent_scaling_factor,
+    make_train_step,
+)
 
 
 def numpy_dpo(pw, pl, rw, rl, tw, tl, beta):
@@ -140,3 +147,53 @@ def test_non_finite_step_changes_nothing(tiny_dpo):
     assert float(metrics["finite"]) == 0.0 and int(new.step) == 0
     for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(state)):
         assert np.array_equal(np.asarray(a), np.asarray(b), equal_nan=True)
+
+
+def test_denoise_on_both_images_is_one_batch_of_chosen_then_rejected(tiny_dpo):
+    """``image_key="both"`` learns rejected images exactly as extra chosen rows would be."""
+    _, params, _, batch = tiny_dpo
+    module, sched = tiny_dpo[0].module, noise.make_noise_schedule()
+    r = np.random.default_rng(3)
+    pix = {k: r.normal(size=(4, 16, 16, 4)).astype(np.float32) for k in ("chosen", "rejected")}
+    both = {**pix, "text_states": batch["text_states"]}
+    stacked = {
+        "chosen": np.concatenate([pix["chosen"], pix["rejected"]]),
+        "text_states": np.concatenate([batch["text_states"]] * 2),
+    }
+    key = jax.random.PRNGKey(5)
+    got, _ = DenoiseTask(module, sched, image_key="both").loss(params, {}, both, key)
+    want, _ = DenoiseTask(module, sched, image_key="chosen").loss(params, {}, stacked, key)
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+    with pytest.raises(ValueError, match="image_key"):
+        DenoiseTask(module, sched, image_key="safe")
+
+
+def test_vae_task_kl_matches_numpy_and_training_lowers_the_loss():
+    from psa_jax.models.vae import AutoencoderKL, VAEConfig
+
+    cfg = VAEConfig.from_diffusers_config(dict(tiny.get_config().model.vae))
+    module = AutoencoderKL(cfg)
+    r = np.random.default_rng(0)
+    images = np.tanh(r.normal(size=(2, 32, 32, 3))).astype(np.float32)
+    params = meta.unbox(module.init(jax.random.key(0), images)["params"])
+    task = VAETask(module, kl_weight=0.5)
+    batch = {"chosen": images[:1], "rejected": images[1:]}
+    loss, m = task.loss(params, {}, batch, jax.random.PRNGKey(0))
+    moments = np.asarray(module.apply({"params": params}, images, method=AutoencoderKL.encode))
+    mean, logvar = np.split(moments.astype(np.float64), 2, axis=-1)
+    kl = 0.5 * np.mean(mean**2 + np.exp(logvar) - 1.0 - logvar)
+    np.testing.assert_allclose(float(m["kl"]), kl, rtol=1e-5)
+    np.testing.assert_allclose(float(loss), float(m["recon_mse"]) + 0.5 * kl, rtol=1e-6)
+    opt = optax.adam(1e-3)
+    state = init_state(params, opt, 0)
+    step = jax.jit(make_train_step(task.loss, opt))
+    first = None
+    for _ in range(20):
+        state, metrics = step(state, {}, batch)
+        first = first if first is not None else float(metrics["recon_mse"])
+    assert float(metrics["recon_mse"]) < 0.85 * first
+    # The scaling factor gives the posterior means unit standard deviation.
+    scale = latent_scaling_factor(module, state.params, images)
+    moments = module.apply({"params": state.params}, images, method=AutoencoderKL.encode)
+    np.testing.assert_allclose(np.std(np.split(np.asarray(moments), 2, -1)[0]) * scale, 1.0,
+                               rtol=1e-5)  # fmt: skip

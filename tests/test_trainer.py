@@ -1,5 +1,5 @@
 """The trainer end to end on a small Sage-mini world: resume after SIGKILL, NaN stop,
-two processes, and DPO learning held-out pairs.
+two processes, and the staged tiny pipeline (vae -> base -> dpo).
 
 Subprocess runs share a JAX compilation cache, so the tiny DPO step compiles once per test
 session instead of once per process.
@@ -163,3 +163,40 @@ def test_two_processes_train_and_the_checkpoint_restores_in_one(cache, tmp_path)
     fresh = trainer.build_task(config, models).trainable
     assert jax.tree.structure(params) == jax.tree.structure(fresh)
     assert any(not np.array_equal(x, y) for x, y in zip(leaves(params), leaves(fresh)))
+
+
+@pytest.mark.slow
+def test_vae_then_base_then_dpo_stages_chain(cache, tmp_path):
+    """configs/tiny.py stages: the vae run exports a diffusers VAE with a measured scaling
+    factor, the base run trains on its latents, and DPO starts from both."""
+    from psa_jax.models.vae import load_vae
+
+    vae_dir, base_dir, dpo_dir = (str(tmp_path / n) for n in ("vae", "base", "dpo"))
+    short = ("train.steps=3", "train.checkpoint_every=3")
+    vae_cfg = apply_overrides(
+        tiny.get_config("vae"), [*SMALL_WORLD, f"data.cache_dir={cache}", *short]
+    )
+    summary = trainer.train(vae_cfg, vae_dir)
+    vae = load_vae(vae_dir)  # <workdir>/vae, as model.vae_path reads it
+    assert vae.scaling_factor == pytest.approx(summary["vae"]["scaling_factor"])
+    assert summary["vae"]["images"] > 0 and summary["metrics"]["recon_mse"] > 0
+    trained, _ = restore_host_params(vae_dir)
+    assert all(np.array_equal(a, b) for a, b in zip(leaves(trained), leaves(vae.params)))
+
+    base_cfg = apply_overrides(
+        tiny.get_config("base"),
+        [*SMALL_WORLD, f"data.cache_dir={cache}", *short, f"model.vae_path={vae_dir}"],
+    )
+    assert base_cfg.task == "denoise" and base_cfg.train.image_key == "both"
+    models = inputs.load_base_models(base_cfg)
+    assert models.scaling_factor == pytest.approx(summary["vae"]["scaling_factor"])
+    base = trainer.train(base_cfg, base_dir)
+    assert np.isfinite(base["metrics"]["mse"])
+
+    dpo_cfg = small_config(
+        cache, *short, f"model.vae_path={vae_dir}", f"model.base_workdir={base_dir}"
+    )
+    trainer.train(dpo_cfg, dpo_dir)
+    frozen = inputs.load_base_models(dpo_cfg).unet_params
+    base_params, _ = restore_host_params(base_dir)
+    assert all(np.array_equal(a, b) for a, b in zip(leaves(frozen), leaves(base_params)))

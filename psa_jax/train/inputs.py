@@ -3,7 +3,8 @@
 Resolution order for the base models (``config.model``): ``pretrained`` (a local diffusers
 pipeline folder: ``unet/``, ``text_encoder/``, ``vae/``, ``tokenizer/``) -> ``base_workdir`` (the
 UNet of a ``denoise`` run, e.g. the pretrained tiny base) -> random weights from the config's
-architecture and ``init_seed`` (the embedded tiny config).
+architecture and ``init_seed`` (the embedded tiny config). Without ``pretrained``, ``vae_path``
+(a ``vae`` run's folder or a diffusers VAE folder) supplies a trained VAE and its scaling factor.
 
 Data (``config.data``): ``source="toy"`` generates the synthetic Sage-mini world into the cache
 directory (``$PSA_JAX_CACHE`` or ``~/.cache/psa_jax``) and builds it; any other ``source`` is a
@@ -133,7 +134,9 @@ def load_base_models(config: Any) -> BaseModels:
     text_cfg = CLIPTextConfig.from_hf_config(dict(model.text_encoder))
     text = FlaxCLIPTextModel.init_random(text_cfg, seed=seed + 1, dtype=dtype)
     vae = None
-    if model.get("vae"):
+    if model.get("vae_path"):  # a trained VAE (a vae run's folder, or a diffusers VAE folder)
+        vae = load_vae(os.path.expanduser(model.vae_path), dtype=dtype)
+    elif model.get("vae"):
         vae_cfg = VAEConfig.from_diffusers_config(dict(model.vae))
         side = vae_cfg.sample_size
         init = jax.jit(AutoencoderKL(vae_cfg, dtype=jax.numpy.dtype(dtype)).init)
@@ -256,8 +259,9 @@ def _toy_tokenizer(config: Any, root: str, sources: dict[str, str]) -> Any:
     return load_tokenizer(out)
 
 
-def open_caches(config: Any, models: BaseModels, splits: Splits, split: str):
-    """Encoder caches of one split (built on first use, reused after)."""
+def open_caches(config: Any, models: BaseModels, splits: Splits, split: str, with_vae: bool = True):
+    """Encoder caches of one split (built on first use, reused after); ``with_vae=False``:
+    text only (the loader then decodes pixels)."""
     layer = config.model.get("text_layer", "last")
 
     def build() -> dict:
@@ -267,7 +271,7 @@ def open_caches(config: Any, models: BaseModels, splits: Splits, split: str):
             split,
             text_encoder=models.text_encoder,
             tokenizer=splits.tokenizer,
-            vae=models.vae,
+            vae=models.vae if with_vae else None,
             text_layer=layer,
             resolution=splits.resolution,
         )

@@ -9,6 +9,7 @@ batch becomes a loss:
   with the adapter off (``user_embeds=None``), so no second UNet lives in memory.
 * :class:`DenoiseTask` -- the plain diffusion loss, training the full base (``"unet"``: tiny
   base pretraining) or LoRA factors merged into the frozen base inside the loss (``"lora"``).
+* :class:`VAETask` -- the tiny VAE of the embedded world: reconstruction + a small KL, on pixels.
 
 Batches are NHWC, as the loader and the caches give them: ``chosen_moments``/``rejected_moments``
 (``[B, h, w, 2C]`` VAE mean and log-variance; a latent is sampled from them every step, as
@@ -29,6 +30,7 @@ import jax.numpy as jnp
 import optax
 
 from psa_jax.models.unet import UNet2DConditionModel
+from psa_jax.models.vae import AutoencoderKL, DiagonalGaussian
 from psa_jax.train import lora as lora_lib
 from psa_jax.train import noise as noise_lib
 from psa_jax.train.losses import denoise_loss, dpo_loss, per_sample_improvement
@@ -58,6 +60,17 @@ def clean_latents(batch: Batch, key: str, rng: jax.Array, scaling_factor: float)
     return z * scaling_factor
 
 
+def _noised(schedule: noise_lib.NoiseSchedule, x0: jax.Array, rng: jax.Array, pairs: int = 1):
+    """``(noisy, t, target)`` for clean latents ``x0``; with ``pairs=2`` (``x0 = [w; l]``) both
+    halves share one noise and timestep draw, as Diffusion-DPO needs."""
+    r_noise, r_t = jax.random.split(rng)
+    b = x0.shape[0] // pairs
+    noise = jnp.concatenate([jax.random.normal(r_noise, (b, *x0.shape[1:]), jnp.float32)] * pairs)
+    t = jnp.concatenate([noise_lib.sample_timesteps(r_t, b, schedule)] * pairs)
+    noisy = noise_lib.add_noise(schedule, x0, noise, t)
+    return noisy, t, noise_lib.training_target(schedule, x0, noise, t)
+
+
 def _added_cond(batch: Batch, repeat: int) -> dict[str, jax.Array] | None:
     if "time_ids" not in batch:
         return None
@@ -76,16 +89,11 @@ class DPOTask:
 
     def _predictions(self, adapter: Any, frozen: Any, batch: Batch, rng: jax.Array):
         """Policy and reference predictions for ``[chosen; rejected]`` and their target."""
-        r_w, r_l, r_noise, r_t = jax.random.split(rng, 4)
+        r_w, r_l, r_noise = jax.random.split(rng, 3)
         lat_w = clean_latents(batch, "chosen", r_w, self.scaling_factor)
         lat_l = clean_latents(batch, "rejected", r_l, self.scaling_factor)
         b = lat_w.shape[0]
-        noise = jax.random.normal(r_noise, lat_w.shape, jnp.float32)  # shared by the pair
-        t = noise_lib.sample_timesteps(r_t, b, self.schedule)  # shared by the pair
-        x0 = jnp.concatenate([lat_w, lat_l])
-        eps, tt = jnp.concatenate([noise, noise]), jnp.concatenate([t, t])
-        noisy = noise_lib.add_noise(self.schedule, x0, eps, tt)
-        target = noise_lib.training_target(self.schedule, x0, eps, tt)
+        noisy, tt, target = _noised(self.schedule, jnp.concatenate([lat_w, lat_l]), r_noise, 2)
         ctx = jnp.concatenate([batch["text_states"]] * 2)
         user = jnp.concatenate([batch["user_embeds"]] * 2)
         added = _added_cond(batch, 2)
@@ -107,10 +115,18 @@ class DPOTask:
         return improve[:b] - improve[b:]
 
 
+IMAGE_KEYS = ("chosen", "rejected", "both")
+
+
 @dataclasses.dataclass(frozen=True)
 class DenoiseTask:
     """Plain diffusion loss on ``image_key`` latents; trainable = the full UNet params
-    (``target="unet"``, ``frozen`` unused) or LoRA factors (``target="lora"``)."""
+    (``target="unet"``, ``frozen`` unused) or LoRA factors (``target="lora"``).
+
+    ``image_key="both"`` learns chosen and rejected images alike (each with its caption): the
+    embedded world's base then draws a category's marker for about half of its samples, as a
+    base model that has seen both kinds of picture for a prompt.
+    """
 
     module: UNet2DConditionModel
     schedule: noise_lib.NoiseSchedule
@@ -122,21 +138,62 @@ class DenoiseTask:
     def __post_init__(self):
         if self.target not in ("unet", "lora"):
             raise ValueError(f"DenoiseTask.target must be 'unet' or 'lora', got {self.target!r}")
+        if self.image_key not in IMAGE_KEYS:
+            raise ValueError(f"DenoiseTask.image_key must be one of {IMAGE_KEYS}, "
+                             f"got {self.image_key!r}")  # fmt: skip
 
     def loss(self, trainable: Any, frozen: Any, batch: Batch, rng: jax.Array):
-        r_x, r_noise, r_t = jax.random.split(rng, 3)
-        x0 = clean_latents(batch, self.image_key, r_x, self.scaling_factor)
-        noise = jax.random.normal(r_noise, x0.shape, jnp.float32)
-        t = noise_lib.sample_timesteps(r_t, x0.shape[0], self.schedule)
-        noisy = noise_lib.add_noise(self.schedule, x0, noise, t)
-        target = noise_lib.training_target(self.schedule, x0, noise, t)
+        r_x, r_noise = jax.random.split(rng)
+        keys = ("chosen", "rejected") if self.image_key == "both" else (self.image_key,)
+        x0 = jnp.concatenate([
+            clean_latents(batch, k, jax.random.fold_in(r_x, i), self.scaling_factor)
+            for i, k in enumerate(keys)
+        ])  # fmt: skip
+        noisy, t, target = _noised(self.schedule, x0, r_noise)
         if self.target == "unet":
             params = trainable
         else:
             params = lora_lib.merge_lora(frozen, trainable, self.lora_scale)
-        added = _added_cond(batch, 1)
-        pred = self.module.apply({"params": params}, noisy, t, batch["text_states"], added)
+        added = _added_cond(batch, len(keys))
+        ctx = jnp.concatenate([batch["text_states"]] * len(keys))
+        pred = self.module.apply({"params": params}, noisy, t, ctx, added)
         return denoise_loss(pred, target)
+
+
+@dataclasses.dataclass(frozen=True)
+class VAETask:
+    """The tiny VAE of the embedded world, trained on pixels (``chosen`` and ``rejected``,
+    ``[B, H, W, 3]`` in [-1, 1]): MSE of the decoded posterior sample + ``kl_weight`` x KL,
+    both means over elements.
+
+    A tiny KL weight keeps the posterior nearly deterministic (a noisy posterior would bury the
+    marker in every sampled latent); the latent scale is then set afterwards by
+    :func:`latent_scaling_factor`, as SD's 0.18215 was.
+    """
+
+    module: AutoencoderKL
+    kl_weight: float = 1e-6
+
+    def loss(self, params: Any, frozen: Any, batch: Batch, rng: jax.Array):
+        del frozen
+        x = jnp.concatenate([batch["chosen"], batch["rejected"]]).astype(jnp.float32)
+        moments = self.module.apply({"params": params}, x, method=AutoencoderKL.encode)
+        post = DiagonalGaussian.from_moments(moments, axis=-1)
+        recon = self.module.apply({"params": params}, post.sample(rng), method=AutoencoderKL.decode)
+        mse = jnp.mean(jnp.square(recon.astype(jnp.float32) - x))
+        # KL(q || N(0, I)) per latent element.
+        kl = 0.5 * jnp.mean(jnp.square(post.mean) + post.var - 1.0 - post.logvar)
+        metrics = {"recon_mse": mse, "kl": kl, "latent_std": jnp.std(post.mean),
+                   "posterior_std": jnp.mean(post.std)}  # fmt: skip
+        return mse + self.kl_weight * kl, metrics
+
+
+def latent_scaling_factor(module: AutoencoderKL, params: Any, images: jax.Array) -> float:
+    """``1 / std`` of the posterior means of ``images`` (NHWC, [-1, 1]): diffusion latents of
+    unit variance, the rule behind SD's ``scaling_factor``."""
+    moments = module.apply({"params": params}, images, method=AutoencoderKL.encode)
+    mean = DiagonalGaussian.from_moments(moments, axis=-1).mean
+    return float(1.0 / jnp.std(mean.astype(jnp.float32)))
 
 
 def _micro_batches(batch: Batch, accum: int) -> Batch:

@@ -31,15 +31,23 @@ from tqdm.auto import tqdm
 
 from psa_jax.data.loader import make_global_batch
 from psa_jax.models.psa_unet import _adapter_init, abstract_variables
+from psa_jax.models.vae import FlaxAutoencoderKL
 from psa_jax.train import inputs, sharding
 from psa_jax.train import lora as lora_lib
 from psa_jax.train.checkpoint import Checkpointer
 from psa_jax.train.metrics_io import MetricWriter
 from psa_jax.train.optim import make_lr_schedule, make_optimizer
-from psa_jax.train.step import DenoiseTask, DPOTask, init_state, make_train_step
+from psa_jax.train.step import (
+    DenoiseTask,
+    DPOTask,
+    VAETask,
+    init_state,
+    latent_scaling_factor,
+    make_train_step,
+)
 
 log = logging.getLogger(__name__)
-TASKS = ("dpo", "denoise")
+TASKS = ("dpo", "denoise", "vae")
 _BATCH_KEYS = (
     "chosen_moments",
     "rejected_moments",
@@ -98,6 +106,12 @@ def build_task(config: Any, models: inputs.BaseModels) -> Setup:
         rng = jax.random.key(int(config.model.get("init_seed", 0)) + 4)
         lora = lora_lib.init_lora(params, lcfg.rank, tuple(lcfg.targets), rng=rng)
         return Setup(task, lora, lora, params, boxes)
+    if config.task == "vae":
+        if models.vae is None:
+            raise ValueError("task 'vae' needs a VAE in the config (config.model.vae)")
+        task = VAETask(models.vae.module, float(train.get("vae_kl_weight", 1e-6)))
+        boxes = jax.eval_shape(lambda p: p, models.vae.params)  # replicated: a tiny model
+        return Setup(task, models.vae.params, boxes, {}, {})
     raise ValueError(f"unknown task {config.task!r}; tasks: {TASKS}")
 
 
@@ -175,7 +189,9 @@ def train(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"unknown task {config.task!r}; tasks: {TASKS}")
     models = inputs.load_base_models(config)
     splits = inputs.prepare_data(config, models)
-    caches = inputs.open_caches(config, models, splits, config.data.train_split)
+    # The VAE task learns from pixels: its caches hold text only.
+    with_vae = config.task != "vae"
+    caches = inputs.open_caches(config, models, splits, config.data.train_split, with_vae)
     batch_size = int(tcfg.batch_size) * int(tcfg.accum_steps)
     loader = inputs.make_loader(
         config, splits, config.data.train_split, caches, batch_size, seed=int(config.seed)
@@ -221,7 +237,7 @@ def train(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
     )
     eval_fn, eval_batches = None, []
     if config.data.get("eval_split") and tcfg.eval_every:
-        eval_caches = inputs.open_caches(config, models, splits, config.data.eval_split)
+        eval_caches = inputs.open_caches(config, models, splits, config.data.eval_split, with_vae)
         eval_loader = inputs.make_loader(
             config,
             splits,
@@ -303,10 +319,32 @@ def train(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
         writer.close()
         ckpt.close()
     summary.update(step=int(jax.device_get(state.step)), metrics=last, eval=eval_metrics)
+    if config.task == "vae":
+        summary["vae"] = _export_vae(models.vae, state.params, loader, workdir)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2)
     return summary
+
+
+def _export_vae(vae: Any, params: Any, loader: Any, workdir: str) -> dict[str, Any]:
+    """Write the trained VAE as a diffusers folder ``<workdir>/vae`` (what ``model.vae_path``
+    loads), its ``scaling_factor`` measured on up to 256 training images."""
+    params = jax.tree.map(np.asarray, jax.device_get(params))
+    images, seen = [], 0
+    while seen < 256:
+        try:
+            b = next(loader)
+        except StopIteration:
+            break
+        images.append(np.concatenate([b["chosen"], b["rejected"]]))
+        seen += len(images[-1])
+    scale = latent_scaling_factor(vae.module, params, np.concatenate(images))
+    folder = os.path.join(workdir, "vae")
+    trained = FlaxAutoencoderKL(dataclasses.replace(vae.config, scaling_factor=scale), params)
+    if jax.process_index() == 0:
+        trained.save_pretrained(folder)
+    return {"path": folder, "scaling_factor": scale, "images": seen}
 
 
 def config_overrides(extra: list[str]) -> list[str]:
