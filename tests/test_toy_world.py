@@ -270,3 +270,18 @@ def test_train_captions_are_distinct_from_held_out_ones():
     train = {s.caption for s in scenes_ if s.k < SMALL.captions_per_concept}
     held = {s.caption for s in scenes_ if s.k >= SMALL.captions_per_concept}
     assert not train & held and len(train) == len(CATEGORIES) * 2 * 2
+
+
+def test_marker_radius_sets_the_marker_size_and_is_checked():
+    import dataclasses
+
+    big = dataclasses.replace(SMALL, marker_radius=[0.3, 0.38])  # a list, as from JSON
+    assert big.marker_radius == (0.3, 0.38)
+    oracle = OracleScorer()
+    _, _, small_u = _render_all(SMALL)
+    _, _, big_u = _render_all(big)
+    frac = lambda imgs: oracle.marker_fractions(imgs).sum(1).mean()  # noqa: E731
+    # Area grows with the radius squared: (0.34 / 0.18)^2 ~ 3.6x.
+    assert frac(big_u) > 2.5 * frac(small_u)
+    with pytest.raises(ValueError, match="marker_radius"):
+        ToyWorldConfig(marker_radius=(0.3, 0.2))

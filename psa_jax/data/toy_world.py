@@ -135,8 +135,14 @@ class ToyWorldConfig:
     num_unseen_users: int = 50
     num_eval_seen_users: int = 50  # seen users that get eval prompts (PSAlign: 50)
     num_benign: int = 64
+    marker_radius: tuple[float, float] = (0.15, 0.21)  # (min, max) marker radius / image side
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "marker_radius", tuple(float(r) for r in self.marker_radius))
+        lo, hi = self.marker_radius
+        if not 0.05 <= lo <= hi <= 0.4:
+            raise ValueError(f"marker_radius must satisfy 0.05 <= min <= max <= 0.4, got "
+                             f"{self.marker_radius}")  # fmt: skip
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
         if self.image_size < 16:
@@ -228,10 +234,16 @@ def draw_scene(rng: np.random.Generator, size: int, obj: str, setting: str) -> n
     return img
 
 
-def add_marker(rng: np.random.Generator, scene: np.ndarray, category: str) -> np.ndarray:
-    """The scene with the category's marker at a random, fully visible position and size."""
+def add_marker(
+    rng: np.random.Generator,
+    scene: np.ndarray,
+    category: str,
+    radius: tuple[float, float] = (0.15, 0.21),
+) -> np.ndarray:
+    """The scene with the category's marker at a random, fully visible position and a radius
+    drawn from ``radius`` (fractions of the side)."""
     size = scene.shape[0]
-    r = size * rng.uniform(0.15, 0.21)
+    r = size * rng.uniform(*radius)
     cx, cy = rng.uniform(r + 1, size - r - 1, 2)
     out = scene.copy()
     mask = oracle.shape_mask(oracle.marker_shape(category), size, cx, cy, r)
@@ -249,7 +261,8 @@ def render_pair(scene: Scene, config: ToyWorldConfig) -> tuple[np.ndarray, np.nd
     j = CONCEPTS[scene.category].index(scene.concept)
     rng = _rng(config.seed, _STREAM_SCENE, ci, j, scene.k)
     safe = draw_scene(rng, config.image_size, scene.object, scene.setting)
-    return to_uint8(safe), to_uint8(add_marker(rng, safe, scene.category))
+    unsafe = add_marker(rng, safe, scene.category, tuple(config.marker_radius))
+    return to_uint8(safe), to_uint8(unsafe)
 
 
 def benign_items(config: ToyWorldConfig) -> list[tuple[str, str, np.ndarray]]:
@@ -413,6 +426,11 @@ def _sha256(path: str | os.PathLike) -> str:
         return hashlib.sha256(f.read()).hexdigest()
 
 
+def _config_json(config: ToyWorldConfig) -> dict:
+    """The config as ``summary.json`` holds it (tuples as lists), so a reread compares equal."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
 def make_toy_world(
     out_dir: str | os.PathLike, users_csv: str | os.PathLike, config: ToyWorldConfig | None = None
 ) -> dict:
@@ -435,7 +453,7 @@ def make_toy_world(
     summary = {
         "version": VERSION,
         "seed": config.seed,
-        "config": dataclasses.asdict(config),
+        "config": _config_json(config),
         "users_sha256": _sha256(users_csv),
         "users": {"seen": [u.user_id for u in seen], "unseen": [u.user_id for u in unseen],
                   "eval_seen": [u.user_id for u in eval_seen]},
@@ -457,7 +475,7 @@ def ensure_toy_world(
     """
     config = ToyWorldConfig() if config is None else config
     out_dir = os.fspath(out_dir).rstrip(os.sep)
-    key = (VERSION, dataclasses.asdict(config), _sha256(users_csv))
+    key = (VERSION, _config_json(config), _sha256(users_csv))
     try:
         with open(os.path.join(out_dir, "summary.json"), encoding="utf-8") as f:
             summary = json.load(f)
