@@ -54,12 +54,11 @@ def main(argv: list[str] | None = None) -> dict:
     eval_it = loader(config.data.eval_split, 32, num_epochs=1)
     setup = trainer.build_task(config, models)
     task, frozen, adapter = setup.task, setup.frozen, setup.trainable
-    pick = lambda b: {k: b[k] for k in trainer._BATCH_KEYS if k in b}  # noqa: E731
     grad = jax.jit(jax.grad(lambda a, b, r: task.loss(a, frozen, b, r)[0]))
     margins = jax.jit(lambda a, b, r: task.margins(a, frozen, b, r))
 
     grads = np.stack(
-        [_flat(grad(adapter, pick(next(train_it)), jax.random.PRNGKey(i)))
+        [_flat(grad(adapter, trainer.step_inputs(next(train_it)), jax.random.PRNGKey(i)))
          for i in range(args.batches)]
     )  # fmt: skip
     mean = grads.mean(0)
@@ -74,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
         "snr_per_batch": float(np.linalg.norm(mean)) / per_batch,
         "first_order_pair_acc": {},
     }
-    held_out = [pick(next(eval_it)) for _ in range(2)]
+    held_out = [trainer.step_inputs(next(eval_it)) for _ in range(2)]
     direction = -mean / max(np.linalg.norm(mean), 1e-30)
     for scale in (float(s) for s in args.scales.split(",")):
         moved = _unflat(_flat(adapter) + scale * direction, adapter)

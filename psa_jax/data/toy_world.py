@@ -238,7 +238,7 @@ def add_marker(
     rng: np.random.Generator,
     scene: np.ndarray,
     category: str,
-    radius: tuple[float, float] = (0.15, 0.21),
+    radius: tuple[float, float],
 ) -> np.ndarray:
     """The scene with the category's marker at a random, fully visible position and a radius
     drawn from ``radius`` (fractions of the side)."""
@@ -261,7 +261,7 @@ def render_pair(scene: Scene, config: ToyWorldConfig) -> tuple[np.ndarray, np.nd
     j = CONCEPTS[scene.category].index(scene.concept)
     rng = _rng(config.seed, _STREAM_SCENE, ci, j, scene.k)
     safe = draw_scene(rng, config.image_size, scene.object, scene.setting)
-    unsafe = add_marker(rng, safe, scene.category, tuple(config.marker_radius))
+    unsafe = add_marker(rng, safe, scene.category, config.marker_radius)
     return to_uint8(safe), to_uint8(unsafe)
 
 

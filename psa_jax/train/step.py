@@ -177,8 +177,7 @@ class VAETask:
     def loss(self, params: Any, frozen: Any, batch: Batch, rng: jax.Array):
         del frozen
         x = jnp.concatenate([batch["chosen"], batch["rejected"]]).astype(jnp.float32)
-        moments = self.module.apply({"params": params}, x, method=AutoencoderKL.encode)
-        post = DiagonalGaussian.from_moments(moments, axis=-1)
+        post = _posterior(self.module, params, x)
         recon = self.module.apply({"params": params}, post.sample(rng), method=AutoencoderKL.decode)
         mse = jnp.mean(jnp.square(recon.astype(jnp.float32) - x))
         # KL(q || N(0, I)) per latent element.
@@ -188,11 +187,16 @@ class VAETask:
         return mse + self.kl_weight * kl, metrics
 
 
+def _posterior(module: AutoencoderKL, params: Any, images: jax.Array) -> DiagonalGaussian:
+    """The VAE posterior of NHWC ``images`` in [-1, 1]."""
+    moments = module.apply({"params": params}, images, method=AutoencoderKL.encode)
+    return DiagonalGaussian.from_moments(moments, axis=-1)
+
+
 def latent_scaling_factor(module: AutoencoderKL, params: Any, images: jax.Array) -> float:
     """``1 / std`` of the posterior means of ``images`` (NHWC, [-1, 1]): diffusion latents of
     unit variance, the rule behind SD's ``scaling_factor``."""
-    moments = module.apply({"params": params}, images, method=AutoencoderKL.encode)
-    mean = DiagonalGaussian.from_moments(moments, axis=-1).mean
+    mean = _posterior(module, params, images).mean
     return float(1.0 / jnp.std(mean.astype(jnp.float32)))
 
 

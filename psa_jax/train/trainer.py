@@ -60,6 +60,11 @@ _BATCH_KEYS = (
 )
 
 
+def step_inputs(batch: dict) -> dict:
+    """The arrays of a loader batch that a train step reads (not ids, hashes or captions)."""
+    return {k: batch[k] for k in _BATCH_KEYS if k in batch}
+
+
 class NonFiniteError(FloatingPointError):
     """The loss or the gradient norm became NaN/Inf; training stopped, checkpoints intact."""
 
@@ -248,11 +253,7 @@ def train(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
             shuffle=True,
             num_epochs=1,
         )
-        keys = None
-        for _ in range(int(tcfg.eval_batches)):
-            b = next(eval_loader)
-            keys = keys or [k for k in _BATCH_KEYS if k in b]
-            eval_batches.append({k: b[k] for k in keys})
+        eval_batches = [step_inputs(next(eval_loader)) for _ in range(int(tcfg.eval_batches))]
 
         def metrics_fn(p, f, b, r):
             loss, m = setup.task.loss(p, f, b, r)
@@ -285,9 +286,7 @@ def train(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
     try:
         tick = time.perf_counter()
         for step in range(start + 1, total + 1):
-            local = next(loader)
-            keys = [k for k in _BATCH_KEYS if k in local]
-            local = _fault(config, step, {k: local[k] for k in keys}, ckpt)
+            local = _fault(config, step, step_inputs(next(loader)), ckpt)
             gb = make_global_batch(local, mesh, PartitionSpec(sharding.BATCH_AXES))
             state, metrics = step_fn(state, frozen, gb)
             m = {k: float(v) for k, v in jax.device_get(metrics).items()}
