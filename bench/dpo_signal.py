@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     train_it = loader(config.data.train_split, bs)
     eval_it = loader(config.data.eval_split, 32, num_epochs=1)
-    setup = trainer.build_task(config, models)
+    embeds = trainer.training_user_embeds(config, splits, train_it)
+    setup = trainer.build_task(config, models, embeds)
     task, frozen, adapter = setup.task, setup.frozen, setup.trainable
     grad = jax.jit(jax.grad(lambda a, b, r: task.loss(a, frozen, b, r)[0]))
     margins = jax.jit(lambda a, b, r: task.margins(a, frozen, b, r))

@@ -32,13 +32,18 @@ def mesh_config() -> ml_collections.ConfigDict:
     )
 
 
-def adapter_config(user_embed_dim: int, num_user_tokens: int = 1) -> ml_collections.ConfigDict:
-    """PSA adapter: profile embedding size D, user tokens T, default scale."""
+def adapter_config(
+    user_embed_dim: int, num_user_tokens: int = 1, proj_init: str = "torch"
+) -> ml_collections.ConfigDict:
+    """PSA adapter: profile embedding size D, user tokens T, default scale, and how the user
+    projection starts: ``"torch"`` (PSAlign: PyTorch's Linear init) or ``"standardized"`` (the
+    training users' per-feature mean/std folded in; see adapter.standardize_projection)."""
     return ml_collections.ConfigDict(
         {
             "user_embed_dim": user_embed_dim,
             "num_user_tokens": num_user_tokens,
             "user_scale": 1.0,
+            "proj_init": proj_init,
         }
     )
 

@@ -72,7 +72,9 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
         "sample_size": 32,
         "scaling_factor": 1.0,
     }
-    config.model.adapter = common.adapter_config(user_embed_dim=384)
+    # MiniLM profile embeddings are nearly parallel: start the projection on the users'
+    # differences (PSAlign's plain init: proj_init="torch").
+    config.model.adapter = common.adapter_config(user_embed_dim=384, proj_init="standardized")
     config.model.base_workdir = ""  # a denoise run's UNet (a pretrained tiny base), if any
     config.model.vae_path = ""  # a vae run's folder (the trained tiny VAE), if any
     if stage != "dpo":  # pretraining stages: cosine decay over the whole run, 16 pairs a step
@@ -89,7 +91,13 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
         return config
     return common.add_training(
         config,
-        optim=common.optim_config(learning_rate=1e-3, warmup_steps=10),
+        optim=common.optim_config(
+            learning_rate=2e-3,
+            schedule="cosine",
+            total_steps=300,
+            end_lr_factor=0.05,
+            warmup_steps=10,
+        ),
         train=common.train_config(steps=300, batch_size=8, checkpoint_every=100),
         data=common.data_config(),
     )

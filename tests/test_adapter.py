@@ -17,6 +17,7 @@ from helpers import (
 
 import psa_jax
 from psa_jax.export.adapters import export_adapter
+from psa_jax.models.adapter import standardize_projection
 from psa_jax.models.psa_unet import PSAUNet
 
 TOL = 1e-5
@@ -283,3 +284,29 @@ def test_wrapping_an_adapter_takes_its_shapes(base):
     assert (wrapped.user_embed_dim, wrapped.num_user_tokens) == (D, 4)
     with pytest.raises(ValueError, match="T=4"):
         PSAUNet(unet.config, unet.params, adapter=unet.adapter)  # num_user_tokens defaults to 1
+
+
+def test_standardized_projection_folds_the_population_statistics():
+    rng = np.random.default_rng(0)
+    d, width, n = 12, 8, 40
+    common = rng.normal(size=d)
+    embeds = (common + 0.01 * rng.normal(size=(n, d))).astype(np.float32)  # nearly parallel
+    embeds[:, 3] = 0.5  # a feature every user shares: floored, not divided by zero
+    proj = {"kernel": rng.uniform(-0.3, 0.3, (d, width)).astype(np.float32),
+            "bias": rng.uniform(-0.3, 0.3, width).astype(np.float32)}  # fmt: skip
+    out = standardize_projection(proj, embeds)
+    mean, std = embeds.mean(0), embeds.std(0)
+    std = np.maximum(std, 0.1 * np.sqrt(np.mean(std**2)))
+    want = ((embeds - mean) / std) @ proj["kernel"] + proj["bias"]
+    got = embeds @ np.asarray(out["kernel"]) + np.asarray(out["bias"])
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    # What the zero-initialised to_v_user sees at step 0: per-user differences of order 1, not
+    # the ~1% of the plain init.
+    plain = embeds @ proj["kernel"] + proj["bias"]
+    assert got.std(0).mean() > 20 * plain.std(0).mean()
+    with pytest.raises(ValueError, match="training-user embeddings"):
+        standardize_projection(proj, embeds[:1])
+    with pytest.raises(ValueError, match="training-user embeddings"):
+        standardize_projection(proj, embeds[:, :5])
+    with pytest.raises(ValueError, match="all identical"):
+        standardize_projection(proj, np.ones((4, d), np.float32))

@@ -137,7 +137,7 @@ def _free_port() -> int:
 def test_two_processes_train_and_the_checkpoint_restores_in_one(cache, tmp_path):
     config = small_config(cache)
     models = inputs.load_base_models(config)
-    inputs.prepare_data(config, models)  # built once here; the two processes reuse it
+    splits = inputs.prepare_data(config, models)  # built once here; the two processes reuse it
     workdir = str(tmp_path / "run")
     port = _free_port()
     procs = []
@@ -160,9 +160,34 @@ def test_two_processes_train_and_the_checkpoint_restores_in_one(cache, tmp_path)
     params, cfg = restore_host_params(workdir)  # this (pytest) process: one host, one device
     assert cfg["task"] == "dpo"
     assert all(np.isfinite(x).all() for x in leaves(params))
-    fresh = trainer.build_task(config, models).trainable
+    embeds = np.stack(list(splits.embeddings.values()))
+    fresh = trainer.build_task(config, models, embeds).trainable
     assert jax.tree.structure(params) == jax.tree.structure(fresh)
     assert any(not np.array_equal(x, y) for x, y in zip(leaves(params), leaves(fresh)))
+
+
+def test_standardized_projection_starts_from_the_training_users(cache):
+    config = small_config(cache)
+    assert config.model.adapter.proj_init == "standardized"
+    models = inputs.load_base_models(config)
+    splits = inputs.prepare_data(config, models)
+    caches = inputs.open_caches(config, models, splits, "train")
+    loader = inputs.make_loader(config, splits, "train", caches, 4, seed=0)
+    embeds = trainer.training_user_embeds(config, splits, loader)
+    toy = config.data.toy
+    assert embeds.shape == (toy.num_users, 384)  # seen users only, not the unseen ones
+    assert len(splits.embeddings) == toy.num_users + toy.num_unseen_users
+    proj = trainer.build_task(config, models, embeds).trainable["user_proj"]
+    tokens = embeds @ proj["kernel"] + proj["bias"]
+    assert tokens.std(0).mean() > 0.5  # users differ by O(1) at step 0
+    with pytest.raises(ValueError, match="needs the training users' embeddings"):
+        trainer.build_task(config, models)
+    plain = apply_overrides(config, ["model.adapter.proj_init=torch"])
+    assert trainer.training_user_embeds(plain, splits, loader) is None
+    torch_proj = trainer.build_task(plain, models).trainable["user_proj"]
+    assert (embeds @ torch_proj["kernel"]).std(0).mean() < 0.1
+    with pytest.raises(ValueError, match="proj_init 'pca' unknown"):
+        trainer.build_task(apply_overrides(config, ["model.adapter.proj_init=pca"]), models)
 
 
 @pytest.mark.slow

@@ -171,6 +171,13 @@ class SageLoader:
         )
         self._iterator: grain.DatasetIterator | None = None
 
+    def user_ids(self, max_records: int = 4096) -> list[str]:
+        """The distinct users of this split (of at most ``max_records`` evenly spaced records of
+        the whole split, not this process's shard: every process gets the same list)."""
+        n = min(self.num_records, max_records)
+        picks = np.unique(np.linspace(0, self.num_records - 1, n).astype(np.int64))
+        return sorted({_text(self._source[int(i)]["user_id"]) for i in picks})
+
     def _load(self, position: int, record_index: int) -> dict[str, Any]:
         """One record: position counts over epochs in this shard, record_index is storage order."""
         rec = self._source[record_index]

@@ -133,3 +133,36 @@ def adapter_layer_paths(adapter: dict[str, Any]) -> list[tuple[str, ...]]:
 def _natural(part: str) -> tuple:
     name, _, idx = part.rpartition(".")
     return (name, int(idx)) if idx.isdigit() else (part, -1)
+
+
+PROJ_INITS = ("torch", "standardized")
+
+
+def standardize_projection(
+    user_proj: dict[str, Any], embeds: Any, min_std_ratio: float = 0.1
+) -> dict[str, Any]:
+    """Fold a population's per-feature standardisation into ``user_proj``'s Linear.
+
+    Profile embeddings of one encoder are nearly parallel (all-MiniLM-L6-v2 over the toy world's
+    profiles: mean pairwise cosine 0.977), so ``Linear(e)`` at PyTorch's init is almost the same
+    for every user and the zero-initialised ``to_v_user`` first learns what all users share. With
+    ``W' = W / s`` and ``b' = b - (m / s) W`` the projection at step 0 sees ``(e - m) / s``, the
+    user differences, while staying an ordinary Linear (PSAlign and IP-Adapter files unchanged).
+
+    ``embeds`` ``[N, D]``: the training users' embeddings (``N >= 2``); ``m``, ``s`` their
+    per-feature mean and std, ``s`` floored at ``min_std_ratio`` x its RMS so that a feature
+    constant over the population is not blown up. Returns a new ``user_proj`` tree.
+    """
+    embeds = jnp.asarray(embeds, jnp.float32)
+    kernel = jnp.asarray(user_proj["kernel"], jnp.float32)
+    if embeds.ndim != 2 or embeds.shape[0] < 2 or embeds.shape[1] != kernel.shape[0]:
+        raise ValueError(
+            f"need [N >= 2, {kernel.shape[0]}] training-user embeddings, got {embeds.shape}"
+        )
+    mean, std = embeds.mean(0), embeds.std(0)
+    std = jnp.maximum(std, min_std_ratio * jnp.sqrt(jnp.mean(jnp.square(std))))
+    if not bool(jnp.all(std > 0)):
+        raise ValueError("training-user embeddings are all identical: nothing to standardise")
+    scaled = kernel / std[:, None]
+    bias = jnp.asarray(user_proj["bias"], jnp.float32) - (mean / std) @ kernel
+    return {**user_proj, "kernel": scaled, "bias": bias}

@@ -29,7 +29,8 @@ from flax.core import meta
 from jax.sharding import PartitionSpec
 from tqdm.auto import tqdm
 
-from psa_jax.data.loader import make_global_batch
+from psa_jax.data.loader import lookup_embeddings, make_global_batch
+from psa_jax.models.adapter import PROJ_INITS, standardize_projection
 from psa_jax.models.psa_unet import _adapter_init, abstract_variables
 from psa_jax.models.vae import FlaxAutoencoderKL
 from psa_jax.train import inputs, sharding
@@ -84,16 +85,29 @@ class Setup:
     frozen_boxes: Any
 
 
-def build_task(config: Any, models: inputs.BaseModels) -> Setup:
-    """The task named by ``config.task`` and its trainable / frozen trees (host arrays)."""
+def build_task(config: Any, models: inputs.BaseModels, user_embeds: Any = None) -> Setup:
+    """The task named by ``config.task`` and its trainable / frozen trees (host arrays).
+
+    ``user_embeds`` ``[N, D]``: the training users' profile embeddings, needed by a DPO run
+    whose ``model.adapter.proj_init`` is ``"standardized"`` (see ``standardize_projection``).
+    """
     train = config.train
     module, params = models.module, models.unet_params
     if config.task == "dpo":
         task = DPOTask(module, models.schedule, float(train.beta), models.scaling_factor)
         rng = jax.random.key(int(config.model.get("init_seed", 0)) + 3)
         boxed = _adapter_init(module)(params, rng)
+        adapter = meta.unbox(boxed)
+        proj_init = config.model.adapter.get("proj_init", "torch")
+        if proj_init not in PROJ_INITS:
+            raise ValueError(f"model.adapter.proj_init {proj_init!r} unknown; one of {PROJ_INITS}")
+        if proj_init == "standardized":
+            if user_embeds is None:
+                raise ValueError("proj_init='standardized' needs the training users' embeddings")
+            proj = standardize_projection(adapter["user_proj"], user_embeds)
+            adapter = {**adapter, "user_proj": jax.tree.map(np.asarray, proj)}
         frozen_boxes = abstract_variables(module)["params"]
-        return Setup(task, meta.unbox(boxed), boxed, params, frozen_boxes)
+        return Setup(task, adapter, boxed, params, frozen_boxes)
     if config.task == "denoise":
         target = train.denoise_target
         lcfg = train.lora
@@ -118,6 +132,15 @@ def build_task(config: Any, models: inputs.BaseModels) -> Setup:
         boxes = jax.eval_shape(lambda p: p, models.vae.params)  # replicated: a tiny model
         return Setup(task, models.vae.params, boxes, {}, {})
     raise ValueError(f"unknown task {config.task!r}; tasks: {TASKS}")
+
+
+def training_user_embeds(config: Any, splits: inputs.Splits, loader: Any) -> np.ndarray | None:
+    """``[N, D]`` embeddings of the users in ``loader``'s split when the adapter's projection is
+    initialised from them (``proj_init="standardized"``), else None. Only training users: a
+    held-out user must not shape the initialisation."""
+    if config.task != "dpo" or config.model.adapter.get("proj_init", "torch") != "standardized":
+        return None
+    return lookup_embeddings(loader.user_ids(), splits.embeddings)
 
 
 def _with_shardings(abstract: Any, shardings: Any) -> Any:
@@ -206,7 +229,7 @@ def train(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
     rules = sharding.logical_rules(config.mesh)
     if batch_size % sharding.data_parallel_size(mesh):
         raise ValueError(f"global batch {batch_size} does not split over the mesh {mesh.shape}")
-    setup = build_task(config, models)
+    setup = build_task(config, models, training_user_embeds(config, splits, loader))
     optimizer = make_optimizer(config.optim)
     seed = int(config.seed)
     boxed_state = jax.eval_shape(lambda p: init_state(p, optimizer, seed), setup.trainable_boxes)
