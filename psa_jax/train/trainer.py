@@ -98,10 +98,7 @@ def build_task(config: Any, models: inputs.BaseModels, user_embeds: Any = None) 
         rng = jax.random.key(int(config.model.get("init_seed", 0)) + 3)
         boxed = _adapter_init(module)(params, rng)
         adapter = meta.unbox(boxed)
-        proj_init = config.model.adapter.get("proj_init", "torch")
-        if proj_init not in PROJ_INITS:
-            raise ValueError(f"model.adapter.proj_init {proj_init!r} unknown; one of {PROJ_INITS}")
-        if proj_init == "standardized":
+        if _proj_init(config) == "standardized":
             if user_embeds is None:
                 raise ValueError("proj_init='standardized' needs the training users' embeddings")
             proj = standardize_projection(adapter["user_proj"], user_embeds)
@@ -134,11 +131,20 @@ def build_task(config: Any, models: inputs.BaseModels, user_embeds: Any = None) 
     raise ValueError(f"unknown task {config.task!r}; tasks: {TASKS}")
 
 
+def _proj_init(config: Any) -> str:
+    """``model.adapter.proj_init`` checked against PROJ_INITS ("torch" where the key is absent:
+    configs written before it existed)."""
+    proj_init = config.model.adapter.get("proj_init", "torch")
+    if proj_init not in PROJ_INITS:
+        raise ValueError(f"model.adapter.proj_init {proj_init!r} unknown; one of {PROJ_INITS}")
+    return proj_init
+
+
 def training_user_embeds(config: Any, splits: inputs.Splits, loader: Any) -> np.ndarray | None:
     """``[N, D]`` embeddings of the users in ``loader``'s split when the adapter's projection is
     initialised from them (``proj_init="standardized"``), else None. Only training users: a
     held-out user must not shape the initialisation."""
-    if config.task != "dpo" or config.model.adapter.get("proj_init", "torch") != "standardized":
+    if config.task != "dpo" or _proj_init(config) != "standardized":
         return None
     return lookup_embeddings(loader.user_ids(), splits.embeddings)
 
