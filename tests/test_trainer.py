@@ -182,6 +182,11 @@ def test_standardized_projection_starts_from_the_training_users(cache):
     assert tokens.std(0).mean() > 0.5  # users differ by O(1) at step 0
     with pytest.raises(ValueError, match="needs the training users' embeddings"):
         trainer.build_task(config, models)
+    # Resuming: the checkpoint replaces the init, so no embeddings are needed; same tree.
+    resumed = trainer.build_task(config, models, resuming=True).trainable
+    assert jax.tree.structure(resumed) == jax.tree.structure(
+        trainer.build_task(config, models, embeds).trainable
+    )
     plain = apply_overrides(config, ["model.adapter.proj_init=torch"])
     assert trainer.training_user_embeds(plain, splits, loader) is None
     torch_proj = trainer.build_task(plain, models).trainable["user_proj"]

@@ -88,6 +88,11 @@ class Checkpointer:
         out = self._manager.restore(step, args=args)
         return out["state"], dict(out["data"]), dict(out["config"])
 
+    def state_metadata(self, step: int) -> Any:
+        """The saved state's tree of array metadata (shape, dtype) at ``step``; nothing loaded."""
+        meta = self._manager.item_metadata(step)["state"]
+        return meta.tree if hasattr(meta, "tree") else meta
+
     def read_config(self, step: int) -> dict:
         out = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
         return dict(out["config"])
@@ -113,11 +118,6 @@ def restore_host_params(workdir: str | os.PathLike, step: int | None = None) -> 
     Needs no mesh and no knowledge of how the run was sharded: every array is restored whole
     onto this process's first device, then copied to numpy. For export and ``load_adapter``.
     """
-    ckpt = Checkpointer(workdir, read_only=True)
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no complete checkpoint in {ckpt.directory}")
-    meta = ckpt._manager.item_metadata(step)["state"]
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
     def abstract(m: Any) -> Any:
@@ -125,8 +125,11 @@ def restore_host_params(workdir: str | os.PathLike, step: int | None = None) -> 
             return jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device)
         return m
 
-    target = jax.tree.map(abstract, meta.tree if hasattr(meta, "tree") else meta)
-    state, _, config = ckpt.restore(step, target)
-    ckpt.close()
+    with Checkpointer(workdir, read_only=True) as ckpt:
+        step = ckpt.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no complete checkpoint in {ckpt.directory}")
+        target = jax.tree.map(abstract, ckpt.state_metadata(step))
+        state, _, config = ckpt.restore(step, target)
     params = state["params"] if isinstance(state, Mapping) else state.params
     return jax.tree.map(np.asarray, params), config

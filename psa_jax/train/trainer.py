@@ -85,11 +85,15 @@ class Setup:
     frozen_boxes: Any
 
 
-def build_task(config: Any, models: inputs.BaseModels, user_embeds: Any = None) -> Setup:
+def build_task(
+    config: Any, models: inputs.BaseModels, user_embeds: Any = None, *, resuming: bool = False
+) -> Setup:
     """The task named by ``config.task`` and its trainable / frozen trees (host arrays).
 
     ``user_embeds`` ``[N, D]``: the training users' profile embeddings, needed by a DPO run
     whose ``model.adapter.proj_init`` is ``"standardized"`` (see ``standardize_projection``).
+    ``resuming``: a checkpoint replaces the initial trainable values, so that initialisation
+    (and its embeddings) is skipped; shapes and boxes are unchanged.
     """
     train = config.train
     module, params = models.module, models.unet_params
@@ -98,7 +102,7 @@ def build_task(config: Any, models: inputs.BaseModels, user_embeds: Any = None) 
         rng = jax.random.key(int(config.model.get("init_seed", 0)) + 3)
         boxed = _adapter_init(module)(params, rng)
         adapter = meta.unbox(boxed)
-        if _proj_init(config) == "standardized":
+        if _proj_init(config) == "standardized" and not resuming:
             if user_embeds is None:
                 raise ValueError("proj_init='standardized' needs the training users' embeddings")
             proj = standardize_projection(adapter["user_proj"], user_embeds)
@@ -235,7 +239,13 @@ def train(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
     rules = sharding.logical_rules(config.mesh)
     if batch_size % sharding.data_parallel_size(mesh):
         raise ValueError(f"global batch {batch_size} does not split over the mesh {mesh.shape}")
-    setup = build_task(config, models, training_user_embeds(config, splits, loader))
+    ckpt = Checkpointer(
+        workdir, max_to_keep=tcfg.keep_checkpoints, async_save=tcfg.async_checkpoint
+    )
+    start = ckpt.latest_step()
+    # On resume the checkpoint holds the adapter: no need to scan the split for its init.
+    embeds = None if start is not None else training_user_embeds(config, splits, loader)
+    setup = build_task(config, models, embeds, resuming=start is not None)
     optimizer = make_optimizer(config.optim)
     seed = int(config.seed)
     boxed_state = jax.eval_shape(lambda p: init_state(p, optimizer, seed), setup.trainable_boxes)
@@ -244,10 +254,6 @@ def train(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
     batch_sh = sharding.batch_sharding(mesh)
     replicated = sharding.replicated(mesh)
 
-    ckpt = Checkpointer(
-        workdir, max_to_keep=tcfg.keep_checkpoints, async_save=tcfg.async_checkpoint
-    )
-    start = ckpt.latest_step()
     if start is not None:
         abstract = _with_shardings(meta.unbox(boxed_state), state_sh)
         state, data_state, saved_cfg = ckpt.restore(start, abstract)
