@@ -23,6 +23,22 @@ def perturb_(module, seed: int = 0, scale: float = 0.05) -> None:
             p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
 
 
+# Stable Diffusion 1.x's shipped scheduler_config.json (a PNDM config: the keys other
+# schedulers must read or ignore).
+SD15_SCHEDULER_CONFIG = {
+    "_class_name": "PNDMScheduler",
+    "_diffusers_version": "0.6.0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+    "clip_sample": False,
+}
+
 SD15_LIKE = dict(
     sample_size=16,
     in_channels=4,

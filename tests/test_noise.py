@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from helpers import SD15_SCHEDULER_CONFIG
 
 from psa_jax.train import noise as N
 
@@ -118,20 +119,7 @@ def test_bfloat16_inputs_keep_dtype_and_use_float32_math():
 
 
 def test_from_config_ignores_unrelated_keys():
-    sd15_scheduler_config = {
-        "_class_name": "PNDMScheduler",
-        "_diffusers_version": "0.6.0",
-        "beta_end": 0.012,
-        "beta_schedule": "scaled_linear",
-        "beta_start": 0.00085,
-        "num_train_timesteps": 1000,
-        "set_alpha_to_one": False,
-        "skip_prk_steps": True,
-        "steps_offset": 1,
-        "trained_betas": None,
-        "clip_sample": False,
-    }
-    s = N.noise_schedule_from_config(sd15_scheduler_config)
+    s = N.noise_schedule_from_config(SD15_SCHEDULER_CONFIG)
     np.testing.assert_array_equal(
         np.asarray(s.alphas_cumprod), np.asarray(N.make_noise_schedule().alphas_cumprod)
     )

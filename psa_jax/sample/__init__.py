@@ -1,0 +1,1 @@
+"""Sampling: schedulers and the jit-compiled per-user sampler."""

@@ -1,0 +1,253 @@
+"""Text + profile -> images: the frozen models, an optional adapter, and the compiled sampler.
+
+A :class:`Pipeline` comes from a ``psa-jax train`` run (:meth:`Pipeline.from_run`: the run's
+config rebuilds its base models, its newest checkpoint gives the adapter, or the UNet of a
+``denoise`` run) or from a local diffusers folder plus an adapter file
+(:meth:`Pipeline.from_pretrained`). Prompts are encoded once per call; samples are generated in
+fixed-size chunks so one compiled loop serves any number of prompts (the last chunk is padded,
+and the padding dropped).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from psa_jax.data.tokenizer import tokenize
+from psa_jax.sample import schedulers as sched_lib
+from psa_jax.sample.sampler import Conditioning, Sampler, sample_latents
+
+
+@dataclasses.dataclass
+class Run:
+    """What a finished (or running) ``psa-jax train`` run holds, rebuilt from its folder."""
+
+    config: Any  # the run's resolved ConfigDict
+    models: Any  # psa_jax.train.inputs.BaseModels of the config
+    splits: Any  # psa_jax.train.inputs.Splits: tokenizer and profile embeddings (or None)
+    unet_params: Any  # the UNet to sample: the base, or the run's (LoRA merged)
+    adapter: Any | None  # a dpo run's adapter, else None
+
+
+def load_run(workdir: str | os.PathLike, step: int | None = None, *, data: bool = True) -> Run:
+    """Rebuild a run's models from its saved config and apply its newest checkpoint (or
+    ``step``): a ``dpo`` run gives an adapter, a ``denoise`` run a new UNet. ``data=False``
+    skips the data preparation (tokenizer, embeddings; ``splits`` is then None): exports."""
+    import ml_collections
+
+    from psa_jax.train import inputs
+    from psa_jax.train.checkpoint import restore_host_params
+    from psa_jax.train.lora import lora_scale, merge_lora
+
+    trained, config = restore_host_params(os.fspath(workdir), step)
+    cfg = ml_collections.ConfigDict(config)
+    models = inputs.load_base_models(cfg)
+    splits = inputs.prepare_data(cfg, models) if data else None  # toy tokenizer, embeddings
+    params, adapter = models.unet_params, None
+    task = cfg.get("task")
+    if task == "dpo":
+        adapter = trained
+    elif task == "denoise" and cfg.train.get("denoise_target", "unet") == "unet":
+        params = trained
+    elif task == "denoise":
+        scale = lora_scale(cfg.train.lora.rank, cfg.train.lora.alpha)
+        params = jax.tree.map(np.asarray, merge_lora(params, trained, scale))
+    else:
+        raise ValueError(f"{workdir} is a {task!r} run: only dpo and denoise runs have a UNet")
+    return Run(cfg, models, splits, params, adapter)
+
+
+@dataclasses.dataclass
+class Pipeline:
+    """Frozen UNet/text encoder/VAE (host arrays), the adapter (None: the base model)."""
+
+    module: Any  # UNet2DConditionModel with adapter slots when ``adapter`` is set
+    params: Any
+    adapter: Any | None
+    text_encoder: Any
+    tokenizer: Any
+    vae: Any
+    scaling_factor: float
+    noise_schedule: Any  # psa_jax.train.noise.NoiseSchedule: betas and prediction type
+    text_layer: str = "last"
+    shift_factor: float = 0.0
+    embeddings: dict[str, np.ndarray] | None = None  # user id -> profile embedding, if known
+
+    @classmethod
+    def from_run(cls, workdir: str | os.PathLike, step: int | None = None) -> Pipeline:
+        """The models of a training run: a ``dpo`` run's adapter on its base, or the UNet of a
+        ``denoise`` run (full fine-tune, or its LoRA merged into the base). The run's profile
+        embedding table comes along as ``embeddings``."""
+        run = load_run(workdir, step)
+        models = run.models
+        if models.vae is None:
+            raise ValueError(f"the config of {workdir} has no VAE to decode samples")
+        return cls(
+            models.module,
+            run.unet_params,
+            run.adapter,
+            models.text_encoder,
+            run.splits.tokenizer if models.tokenizer is None else models.tokenizer,
+            models.vae,
+            models.scaling_factor,
+            models.schedule,
+            run.config.model.get("text_layer", "last"),
+            models.vae.shift_factor,
+            run.splits.embeddings,
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        folder: str | os.PathLike,
+        adapter: str | os.PathLike | None = None,
+        *,
+        dtype: str = "float32",
+        text_layer: str = "last",
+    ) -> Pipeline:
+        """A local diffusers pipeline folder (``unet/``, ``text_encoder/``, ``tokenizer/``,
+        ``vae/``, ``scheduler/``) plus an optional adapter file (PSAlign, IP-Adapter export, or
+        a run folder: anything :meth:`PSAUNet.load_adapter` reads)."""
+        import json
+
+        from psa_jax.data.tokenizer import load_tokenizer
+        from psa_jax.models.clip import load_text_encoder
+        from psa_jax.models.psa_unet import load_unet
+        from psa_jax.models.vae import load_vae
+        from psa_jax.train.noise import noise_schedule_from_config
+
+        folder = os.fspath(folder)
+        if os.path.isdir(os.path.join(folder, "text_encoder_2")):
+            raise NotImplementedError(f"{folder} is an SDXL pipeline: two text encoders (planned)")
+        unet = load_unet(folder, dtype=dtype)
+        if adapter is not None:
+            unet.load_adapter(adapter)
+        vae = load_vae(folder, dtype=dtype)
+        sched_file = os.path.join(folder, "scheduler", "scheduler_config.json")
+        sched_cfg = {}
+        if os.path.isfile(sched_file):
+            with open(sched_file, encoding="utf-8") as f:
+                sched_cfg = json.load(f)
+        return cls(
+            unet.module,
+            unet.params,
+            unet.adapter,
+            load_text_encoder(os.path.join(folder, "text_encoder"), dtype=dtype),
+            load_tokenizer(folder),
+            vae,
+            vae.scaling_factor,
+            noise_schedule_from_config(sched_cfg),
+            text_layer,
+            vae.shift_factor,
+        )
+
+    @property
+    def user_embed_dim(self) -> int | None:
+        if self.adapter is None:
+            return None
+        return int(np.shape(self.adapter["user_proj"]["kernel"])[0])
+
+    def encode_prompts(self, prompts: Sequence[str]) -> tuple[jax.Array, jax.Array]:
+        """``[N, L, D]`` text states (of ``text_layer``) and ``[N, D']`` pooled embeddings."""
+        length = int(self.text_encoder.config.max_position_embeddings)
+        out = self.text_encoder(tokenize(self.tokenizer, prompts, length))
+        states = out.last_hidden_state if self.text_layer == "last" else out.hidden_states[-2]
+        pooled = out.text_embeds if out.text_embeds is not None else out.pooled
+        return states, pooled
+
+    def latent_shape(self) -> tuple[int, int, int]:
+        """HWC of the UNet's latents (its configured sample size)."""
+        cfg = self.module.config
+        return (cfg.sample_size, cfg.sample_size, cfg.in_channels)
+
+    def __call__(
+        self,
+        prompts: Sequence[str],
+        user_embeds: np.ndarray | None = None,
+        seeds: Sequence[int] | None = None,
+        *,
+        scheduler: str = "ddim",
+        steps: int = 25,
+        guidance_scale: float = 7.5,
+        user_scale: float | Sequence[float] = 1.0,
+        negative_prompt: str = "",
+        batch_size: int = 8,
+        scheduler_options: dict | None = None,
+        output: str = "uint8",
+        mesh: Any | None = None,
+    ) -> np.ndarray:
+        """``[N, H, W, 3]`` images, one per prompt (``user_embeds [N, D]`` row-aligned;
+        ``None``: the base model). ``seeds`` default to ``0..N-1``. ``output="float"`` gives
+        float32 in [0, 1] (as diffusers' ``output_type="np"``), else uint8. With a ``mesh``
+        (one host), each chunk of ``batch_size`` samples splits over its data axes and the
+        weights are replicated."""
+        if output not in ("uint8", "float"):
+            raise ValueError(f"output must be 'uint8' or 'float', got {output!r}")
+        n = len(prompts)
+        if user_embeds is not None:
+            if self.adapter is None:
+                raise ValueError("user_embeds given, but this pipeline has no adapter")
+            user_embeds = np.asarray(user_embeds, np.float32)
+            if user_embeds.shape != (n, self.user_embed_dim):
+                raise ValueError(
+                    f"user_embeds has shape {user_embeds.shape}; expected ({n}, "
+                    f"{self.user_embed_dim}): one profile embedding per prompt"
+                )
+        seeds = np.arange(n) if seeds is None else np.asarray(seeds)
+        scales = np.broadcast_to(np.asarray(user_scale, np.float32), (n,))
+        if seeds.shape != (n,):
+            raise ValueError(f"{len(seeds)} seeds for {n} prompts")
+        schedule = sched_lib.make_sampler_schedule(
+            scheduler, steps, self.noise_schedule, **(scheduler_options or {})
+        )
+        sampler = Sampler(self.module, float(guidance_scale))
+        variables = {"params": self.params}
+        if self.adapter is not None and user_embeds is not None:
+            variables["adapter"] = self.adapter
+        shardings = None
+        if mesh is not None:
+            from psa_jax.train import sharding
+
+            if batch_size % sharding.data_parallel_size(mesh):
+                raise ValueError(
+                    f"batch_size {batch_size} does not split over the mesh's "
+                    f"{sharding.data_parallel_size(mesh)} data-parallel devices"
+                )
+            shardings = (sharding.batch_sharding(mesh), sharding.replicated(mesh))
+        neg_states, _ = self.encode_prompts([negative_prompt])
+        images = []
+        for lo in range(0, n, batch_size):
+            idx = np.minimum(np.arange(lo, lo + batch_size), n - 1)  # pad with the last row
+            states, _ = self.encode_prompts([prompts[i] for i in idx])
+            cond = Conditioning(
+                text_states=states,
+                neg_text_states=jnp.broadcast_to(neg_states, states.shape),
+                user_embeds=None if user_embeds is None else jnp.asarray(user_embeds[idx]),
+                user_scale=jnp.asarray(scales[idx]),
+            )
+            latents = sample_latents(
+                sampler,
+                schedule,
+                variables,
+                cond,
+                seeds[idx],
+                self.latent_shape(),
+                shardings=shardings,
+            )
+            keep = min(batch_size, n - lo)
+            images.append(self.decode(latents[:keep], output))
+        return np.concatenate(images)
+
+    def decode(self, latents_nhwc: jax.Array, output: str = "uint8") -> np.ndarray:
+        """Diffusion latents -> NHWC images (``z = latents / scaling + shift``), float32 in
+        [0, 1] (``output="float"``) or uint8."""
+        z = jnp.transpose(latents_nhwc, (0, 3, 1, 2)) / self.scaling_factor + self.shift_factor
+        images = np.asarray(self.vae.decode(z), np.float32)  # NCHW in [-1, 1]
+        unit = np.transpose(np.clip(images / 2 + 0.5, 0.0, 1.0), (0, 2, 3, 1))
+        return unit if output == "float" else np.rint(unit * 255).astype(np.uint8)
