@@ -151,3 +151,77 @@ def psa_reference_projection(embed_dim: int, cross_dim: int, num_tokens: int):
             return self.norm(self.proj(x).reshape(-1, num_tokens, cross_dim))
 
     return Projection()
+
+
+def randomize_adapter(adapter, seed: int = 0, scale: float = 0.3):
+    """Gaussian noise on every adapter leaf: zero-initialised to_k/to_v hide the user branch."""
+    import jax
+
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(
+        lambda x: np.asarray(x) + scale * rng.standard_normal(np.shape(x)).astype(np.float32),
+        adapter,
+    )
+
+
+def tiny_clip_text(cls, vocab: int, hidden: int, seed: int, max_len: int, layers: int = 2, **extra):
+    """A perturbed random transformers CLIP text model ``cls`` (ids 0/1 = BOS/EOS, as the word
+    tokenizer)."""
+    import torch
+    from transformers import CLIPTextConfig
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=37,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        max_position_embeddings=max_len,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        **extra,
+    )
+    model = cls(config).eval()
+    perturb_(model, seed=seed, scale=0.1)
+    return model
+
+
+def tiny_torch_vae(sample_size: int, seed: int = 2):
+    """A perturbed random diffusers AutoencoderKL that upsamples latents once (factor 2)."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        latent_channels=4,
+        sample_size=sample_size,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+    ).eval()
+    perturb_(vae, seed=seed, scale=0.1)
+    return vae
+
+
+def sd_ddim_scheduler():
+    """diffusers' DDIM set up as Stable Diffusion ships it."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        clip_sample=False,
+        set_alpha_to_one=False,
+    )
+
+
+def load_ip_adapter_export(pipe, folder) -> None:
+    """Load a ``diffusers-ip-adapter`` export into a diffusers pipeline, with no image encoder
+    (PSA passes profile embeddings as ``ip_adapter_image_embeds``)."""
+    pipe.load_ip_adapter(
+        str(folder), subfolder="", weight_name="ip_adapter.safetensors", image_encoder_folder=None
+    )

@@ -11,6 +11,7 @@ from helpers import (
     SDXL_LIKE,
     psa_reference_processor,
     psa_reference_projection,
+    randomize_adapter,
     rel_err,
     tiny_torch_unet,
 )
@@ -23,15 +24,6 @@ from psa_jax.models.psa_unet import PSAUNet
 TOL = 1e-5
 D = 12  # profile embedding size of the tiny tests
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "psalign")
-
-
-def _randomize(adapter, seed=0, scale=0.3):
-    leaves, treedef = jax.tree.flatten(adapter)
-    rng = np.random.default_rng(seed)
-    noisy = [
-        np.asarray(x) + scale * rng.standard_normal(np.shape(x)).astype(np.float32) for x in leaves
-    ]
-    return jax.tree.unflatten(treedef, noisy)
 
 
 def _inputs(cfg, seed=0):
@@ -60,7 +52,7 @@ def base(request, tmp_path_factory):
 
 def _psa_unet(folder, num_tokens, seed=0):
     unet = psa_jax.load_unet(folder, user_embed_dim=D, num_user_tokens=num_tokens)
-    unet.adapter = _randomize(unet.adapter, seed)
+    unet.adapter = randomize_adapter(unet.adapter, seed)
     return unet
 
 

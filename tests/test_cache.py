@@ -9,8 +9,7 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
-from diffusers import AutoencoderKL as TorchAutoencoderKL
+from helpers import tiny_torch_vae
 from test_sage_data import EMBEDS, NUM, _line, make_sage
 
 from psa_jax.data import cache as C
@@ -62,19 +61,7 @@ def world(tmp_path_factory) -> dict:
         bos_token_id=0,
         pad_token_id=1,
     )
-    torch.manual_seed(0)
-    tvae = TorchAutoencoderKL(
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
-        latent_channels=4,
-        sample_size=RES,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-    ).eval()
-    with torch.no_grad():
-        for p in tvae.parameters():
-            p.add_(0.1 * torch.randn_like(p))
+    tvae = tiny_torch_vae(RES)
     tvae.save_pretrained(root / "vae")
     return {
         "data": str(root / "data"),

@@ -15,7 +15,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from helpers import SD15_LIKE, perturb_, tiny_torch_unet
+from helpers import (
+    SD15_LIKE,
+    load_ip_adapter_export,
+    randomize_adapter,
+    sd_ddim_scheduler,
+    tiny_clip_text,
+    tiny_torch_unet,
+    tiny_torch_vae,
+)
 
 import psa_jax
 from psa_jax.data.tokenizer import build_word_tokenizer
@@ -36,50 +44,19 @@ SEEDS = [3, 17, 101]
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     """A saved diffusers StableDiffusionPipeline folder with tiny random components."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTextModel
 
     root = tmp_path_factory.mktemp("pipe")
     tokenizer = build_word_tokenizer(PROMPTS, max_length=MAX_LEN)
-    torch.manual_seed(0)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer.get_vocab()),
-            hidden_size=UNET["cross_attention_dim"],
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=MAX_LEN,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-        )
-    ).eval()
-    perturb_(text_encoder, seed=1, scale=0.1)
-    vae = AutoencoderKL(
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
-        latent_channels=4,
-        sample_size=2 * LATENT,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-    ).eval()
-    perturb_(vae, seed=2, scale=0.1)
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        steps_offset=1,
-        clip_sample=False,
-        set_alpha_to_one=False,
-    )
+    vocab = len(tokenizer.get_vocab())
+    text_encoder = tiny_clip_text(CLIPTextModel, vocab, UNET["cross_attention_dim"], 1, MAX_LEN)
     pipe = StableDiffusionPipeline(
-        vae=vae,
+        vae=tiny_torch_vae(2 * LATENT),
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=tiny_torch_unet(UNET),
-        scheduler=scheduler,
+        scheduler=sd_ddim_scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -88,22 +65,13 @@ def folder(tmp_path_factory):
     return root
 
 
-def _randomize(adapter, seed, scale=0.3):
-    """Noise on every adapter leaf: zero-initialised to_k/to_v would hide the user branch."""
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(
-        lambda x: np.asarray(x) + scale * rng.standard_normal(np.shape(x)).astype(np.float32),
-        adapter,
-    )
-
-
 @pytest.fixture(scope="module")
 def adapters(folder, tmp_path_factory):
     """Per T: (IP-Adapter export folder, PSAlign export file) of a random T-token adapter."""
     out = {}
     for t in (1, 4):
         unet = psa_jax.load_unet(folder, user_embed_dim=D, num_user_tokens=t)
-        unet.adapter = _randomize(unet.adapter, seed=10 + t)
+        unet.adapter = randomize_adapter(unet.adapter, seed=10 + t)
         root = tmp_path_factory.mktemp(f"adapter{t}")
         ip_dir = root / "ip"
         unet.save_adapter(ip_dir, format="diffusers-ip-adapter")
@@ -125,12 +93,7 @@ def torch_pipes(folder, adapters):
     for t, (ip_dir, _) in adapters.items():
         pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
         pipe.set_progress_bar_config(disable=True)
-        pipe.load_ip_adapter(
-            str(ip_dir),
-            subfolder="",
-            weight_name="ip_adapter.safetensors",
-            image_encoder_folder=None,
-        )
+        load_ip_adapter_export(pipe, ip_dir)
         pipes[t] = pipe
     return pipes
 

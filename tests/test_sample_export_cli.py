@@ -119,3 +119,23 @@ def test_export_formats_load_back(run, tmp_path):
     assert os.path.isfile(os.path.join(ip, "ip_adapter.safetensors"))
     with pytest.raises(ValueError, match="not a LoRA run"):
         export("peft-lora", str(tmp_path / "lora.safetensors"))
+
+
+def test_an_adapter_file_replaces_the_runs_adapter(run, tmp_path):
+    """``--workdir RUN --adapter FILE``: the run's base with the file's adapter."""
+    import dataclasses
+
+    from psa_jax.models.psa_unet import PSAUNet
+    from psa_jax.sample.cli import with_adapter
+
+    _, pipeline = run
+    unet = PSAUNet(pipeline.module.config, pipeline.params, adapter=pipeline.adapter)
+    path = unet.save_adapter(str(tmp_path / "adapter.safetensors"))
+    loaded = with_adapter(dataclasses.replace(pipeline, adapter=None), path)
+    for a, b in zip(jax.tree.leaves(loaded.adapter), jax.tree.leaves(pipeline.adapter)):
+        np.testing.assert_array_equal(a, b)
+    user = sorted(pipeline.embeddings)[0]
+    embeds = pipeline.embeddings[user][None]
+    np.testing.assert_array_equal(
+        loaded([PROMPTS[0]], embeds, [3], steps=2), pipeline([PROMPTS[0]], embeds, [3], steps=2)
+    )

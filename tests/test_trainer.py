@@ -230,3 +230,22 @@ def test_vae_then_base_then_dpo_stages_chain(cache, tmp_path):
     frozen = inputs.load_base_models(dpo_cfg).unet_params
     base_params, _ = restore_host_params(base_dir)
     assert all(np.array_equal(a, b) for a, b in zip(leaves(frozen), leaves(base_params)))
+
+
+def test_a_set_up_error_closes_the_checkpointer(cache, tmp_path, monkeypatch):
+    """An error between opening the checkpoint manager and the first step still closes it."""
+    closed = []
+
+    class Spy(Checkpointer):
+        def close(self):
+            closed.append(True)
+            super().close()
+
+    def broken(*args, **kwargs):
+        raise ValueError("broken set-up")
+
+    monkeypatch.setattr(trainer, "Checkpointer", Spy)
+    monkeypatch.setattr(trainer, "build_task", broken)
+    with pytest.raises(ValueError, match="broken set-up"):
+        trainer.train(small_config(cache, "train.steps=2"), str(tmp_path / "run"))
+    assert closed == [True]

@@ -126,6 +126,17 @@ def _grid(plan: list[dict[str, Any]], rows: list[dict[str, str]], out: str) -> s
     return path
 
 
+def with_adapter(pipeline: Any, path: str) -> Any:
+    """``pipeline`` with the adapter read from ``path`` (its slots sized by the file)."""
+    import dataclasses
+
+    from psa_jax.models.psa_unet import PSAUNet
+
+    unet = PSAUNet(pipeline.module.config, pipeline.params)
+    unet.load_adapter(path)
+    return dataclasses.replace(pipeline, module=unet.module, adapter=unet.adapter)
+
+
 def _sample_cmd(args: argparse.Namespace) -> int:
     from psa_jax.sample.pipeline import Pipeline
 
@@ -139,6 +150,8 @@ def _sample_cmd(args: argparse.Namespace) -> int:
         raise SystemExit("psa-jax sample: give --prompts CSV or --prompt TEXT")
     if args.workdir:
         pipeline = Pipeline.from_run(args.workdir)
+        if args.adapter:  # the run's base with another adapter (a file, or another run)
+            pipeline = with_adapter(pipeline, args.adapter)
     else:
         pipeline = Pipeline.from_pretrained(args.pretrained, args.adapter)
     if args.embeddings:
@@ -174,7 +187,7 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--workdir", help="a psa-jax train run (dpo: its adapter; denoise: its UNet)")
     p.add_argument("--pretrained", help="a local diffusers pipeline folder")
-    p.add_argument("--adapter", help="with --pretrained: a PSAlign/IP-Adapter file or run folder")
+    p.add_argument("--adapter", help="a PSAlign/IP-Adapter file or run folder (replaces a run's)")
     p.add_argument("--prompts", help="prompts CSV (caption[, file_name][, user_id])")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable), instead of --prompts")
     p.add_argument("--users", help=f"user ids a,b,c for a grid ('{BASE_USER}': no adapter)")

@@ -3,9 +3,10 @@
 A :class:`Pipeline` comes from a ``psa-jax train`` run (:meth:`Pipeline.from_run`: the run's
 config rebuilds its base models, its newest checkpoint gives the adapter, or the UNet of a
 ``denoise`` run) or from a local diffusers folder plus an adapter file
-(:meth:`Pipeline.from_pretrained`). Prompts are encoded once per call; samples are generated in
-fixed-size chunks so one compiled loop serves any number of prompts (the last chunk is padded,
-and the padding dropped).
+(:meth:`Pipeline.from_pretrained`: SD1.x/2.x, or SDXL with its two text encoders and its
+pooled-text + image-size conditioning, as diffusers' ``StableDiffusionXLPipeline``). Prompts are
+encoded once per call; samples are generated in fixed-size chunks so one compiled loop serves any
+number of prompts (the last chunk is padded, and the padding dropped).
 """
 
 from __future__ import annotations
@@ -65,7 +66,13 @@ def load_run(workdir: str | os.PathLike, step: int | None = None, *, data: bool 
 
 @dataclasses.dataclass
 class Pipeline:
-    """Frozen UNet/text encoder/VAE (host arrays), the adapter (None: the base model)."""
+    """Frozen UNet/text encoder/VAE (host arrays), the adapter (None: the base model).
+
+    SDXL sets ``text_encoder_2``/``tokenizer_2``: the prompt is then both encoders' penultimate
+    states side by side, and encoder 2's projected pooled embedding feeds the UNet's ``added``
+    conditions (``text_layer`` is SD1.x/2.x only). ``force_zeros_for_empty_prompt``: an empty
+    negative prompt is all-zero embeddings instead of the encoded ``""`` (SDXL's training).
+    """
 
     module: Any  # UNet2DConditionModel with adapter slots when ``adapter`` is set
     params: Any
@@ -78,6 +85,9 @@ class Pipeline:
     text_layer: str = "last"
     shift_factor: float = 0.0
     embeddings: dict[str, np.ndarray] | None = None  # user id -> profile embedding, if known
+    text_encoder_2: Any | None = None  # SDXL: CLIPTextModelWithProjection
+    tokenizer_2: Any | None = None
+    force_zeros_for_empty_prompt: bool = True  # SDXL only (the pipeline config's flag)
 
     @classmethod
     def from_run(cls, workdir: str | os.PathLike, step: int | None = None) -> Pipeline:
@@ -112,8 +122,9 @@ class Pipeline:
         text_layer: str = "last",
     ) -> Pipeline:
         """A local diffusers pipeline folder (``unet/``, ``text_encoder/``, ``tokenizer/``,
-        ``vae/``, ``scheduler/``) plus an optional adapter file (PSAlign, IP-Adapter export, or
-        a run folder: anything :meth:`PSAUNet.load_adapter` reads)."""
+        ``vae/``, ``scheduler/``; SDXL adds ``text_encoder_2/`` and ``tokenizer_2/``) plus an
+        optional adapter file (PSAlign, IP-Adapter export, or a run folder: anything
+        :meth:`PSAUNet.load_adapter` reads)."""
         import json
 
         from psa_jax.data.tokenizer import load_tokenizer
@@ -122,18 +133,29 @@ class Pipeline:
         from psa_jax.models.vae import load_vae
         from psa_jax.train.noise import noise_schedule_from_config
 
+        def read_json(*parts: str) -> dict:
+            path = os.path.join(folder, *parts)
+            if not os.path.isfile(path):
+                return {}
+            with open(path, encoding="utf-8") as f:
+                return json.load(f)
+
         folder = os.fspath(folder)
+        sdxl = {}
         if os.path.isdir(os.path.join(folder, "text_encoder_2")):
-            raise NotImplementedError(f"{folder} is an SDXL pipeline: two text encoders (planned)")
+            sdxl = dict(
+                text_encoder_2=load_text_encoder(
+                    os.path.join(folder, "text_encoder_2"), dtype=dtype, with_projection=True
+                ),
+                tokenizer_2=load_tokenizer(os.path.join(folder, "tokenizer_2")),
+                force_zeros_for_empty_prompt=bool(
+                    read_json("model_index.json").get("force_zeros_for_empty_prompt", True)
+                ),
+            )
         unet = load_unet(folder, dtype=dtype)
         if adapter is not None:
             unet.load_adapter(adapter)
         vae = load_vae(folder, dtype=dtype)
-        sched_file = os.path.join(folder, "scheduler", "scheduler_config.json")
-        sched_cfg = {}
-        if os.path.isfile(sched_file):
-            with open(sched_file, encoding="utf-8") as f:
-                sched_cfg = json.load(f)
         return cls(
             unet.module,
             unet.params,
@@ -142,9 +164,10 @@ class Pipeline:
             load_tokenizer(folder),
             vae,
             vae.scaling_factor,
-            noise_schedule_from_config(sched_cfg),
+            noise_schedule_from_config(read_json("scheduler", "scheduler_config.json")),
             text_layer,
             vae.shift_factor,
+            **sdxl,
         )
 
     @property
@@ -154,12 +177,41 @@ class Pipeline:
         return int(np.shape(self.adapter["user_proj"]["kernel"])[0])
 
     def encode_prompts(self, prompts: Sequence[str]) -> tuple[jax.Array, jax.Array]:
-        """``[N, L, D]`` text states (of ``text_layer``) and ``[N, D']`` pooled embeddings."""
-        length = int(self.text_encoder.config.max_position_embeddings)
-        out = self.text_encoder(tokenize(self.tokenizer, prompts, length))
+        """``[N, L, D]`` text states (of ``text_layer``) and ``[N, D']`` pooled embeddings.
+
+        SDXL: the penultimate states of both encoders concatenated on D (as diffusers, which
+        ignores the final layer norm there), pooled = encoder 2's projected ``text_embeds``."""
+
+        def run(encoder, tokenizer):
+            length = int(encoder.config.max_position_embeddings)
+            return encoder(tokenize(tokenizer, prompts, length))
+
+        out = run(self.text_encoder, self.tokenizer)
+        if self.text_encoder_2 is not None:
+            out2 = run(self.text_encoder_2, self.tokenizer_2)
+            states = jnp.concatenate([out.hidden_states[-2], out2.hidden_states[-2]], axis=-1)
+            return states, out2.text_embeds
         states = out.last_hidden_state if self.text_layer == "last" else out.hidden_states[-2]
         pooled = out.text_embeds if out.text_embeds is not None else out.pooled
         return states, pooled
+
+    def encode_negative(self, negative_prompt: str) -> tuple[jax.Array, jax.Array]:
+        """``[1, L, D]`` states and ``[1, D']`` pooled of the negative prompt. SDXL with
+        ``force_zeros_for_empty_prompt`` gives zeros for ``""`` (diffusers' default of no
+        ``negative_prompt`` at all; an explicit ``""`` there is encoded, as with the flag off)."""
+        states, pooled = self.encode_prompts([negative_prompt])
+        sdxl = self.text_encoder_2 is not None
+        if sdxl and self.force_zeros_for_empty_prompt and not negative_prompt:
+            return jnp.zeros_like(states), jnp.zeros_like(pooled)
+        return states, pooled
+
+    def time_ids(self, n: int) -> jax.Array:
+        """SDXL's ``[n, 6]`` size conditioning: (original H, W, crop top, left, target H, W) =
+        (H, W, 0, 0, H, W) for the generated image size, as diffusers' defaults."""
+        h, w, _ = self.latent_shape()
+        scale = self.vae.config.downscale
+        ids = np.array([h * scale, w * scale, 0, 0, h * scale, w * scale], np.float32)
+        return jnp.asarray(np.broadcast_to(ids, (n, 6)))
 
     def latent_shape(self) -> tuple[int, int, int]:
         """HWC of the UNet's latents (its configured sample size)."""
@@ -186,7 +238,7 @@ class Pipeline:
         ``None``: the base model). ``seeds`` default to ``0..N-1``. ``output="float"`` gives
         float32 in [0, 1] (as diffusers' ``output_type="np"``), else uint8. With a ``mesh``
         (one host), each chunk of ``batch_size`` samples splits over its data axes and the
-        weights are replicated."""
+        weights are replicated. SDXL's negative branch: see :meth:`encode_negative`."""
         if output not in ("uint8", "float"):
             raise ValueError(f"output must be 'uint8' or 'float', got {output!r}")
         n = len(prompts)
@@ -220,16 +272,26 @@ class Pipeline:
                     f"{sharding.data_parallel_size(mesh)} data-parallel devices"
                 )
             shardings = (sharding.batch_sharding(mesh), sharding.replicated(mesh))
-        neg_states, _ = self.encode_prompts([negative_prompt])
+        neg_states, neg_pooled = self.encode_negative(negative_prompt)
         images = []
         for lo in range(0, n, batch_size):
             idx = np.minimum(np.arange(lo, lo + batch_size), n - 1)  # pad with the last row
-            states, _ = self.encode_prompts([prompts[i] for i in idx])
+            states, pooled = self.encode_prompts([prompts[i] for i in idx])
+            added = neg_added = None
+            if self.text_encoder_2 is not None:  # SDXL: pooled text + size conditioning
+                time_ids = self.time_ids(batch_size)
+                added = {"text_embeds": pooled, "time_ids": time_ids}
+                neg_added = {
+                    "text_embeds": jnp.broadcast_to(neg_pooled, pooled.shape),
+                    "time_ids": time_ids,
+                }
             cond = Conditioning(
                 text_states=states,
                 neg_text_states=jnp.broadcast_to(neg_states, states.shape),
                 user_embeds=None if user_embeds is None else jnp.asarray(user_embeds[idx]),
                 user_scale=jnp.asarray(scales[idx]),
+                added=added,
+                neg_added=neg_added,
             )
             latents = sample_latents(
                 sampler,

@@ -15,6 +15,7 @@ step's batch). Both 0 (off) by default.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -239,86 +240,96 @@ def train(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
     rules = sharding.logical_rules(config.mesh)
     if batch_size % sharding.data_parallel_size(mesh):
         raise ValueError(f"global batch {batch_size} does not split over the mesh {mesh.shape}")
-    ckpt = Checkpointer(
-        workdir, max_to_keep=tcfg.keep_checkpoints, async_save=tcfg.async_checkpoint
-    )
-    start = ckpt.latest_step()
-    # On resume the checkpoint holds the adapter: no need to scan the split for its init.
-    embeds = None if start is not None else training_user_embeds(config, splits, loader)
-    setup = build_task(config, models, embeds, resuming=start is not None)
-    optimizer = make_optimizer(config.optim)
-    seed = int(config.seed)
-    boxed_state = jax.eval_shape(lambda p: init_state(p, optimizer, seed), setup.trainable_boxes)
-    state_sh = sharding.tree_shardings(boxed_state, mesh, rules)
-    frozen_sh = sharding.tree_shardings(setup.frozen_boxes, mesh, rules)
-    batch_sh = sharding.batch_sharding(mesh)
-    replicated = sharding.replicated(mesh)
-
-    if start is not None:
-        abstract = _with_shardings(meta.unbox(boxed_state), state_sh)
-        state, data_state, saved_cfg = ckpt.restore(start, abstract)
-        if saved_cfg.get("task") != config.task:
-            raise ResumeError(
-                f"{workdir} holds a {saved_cfg.get('task')!r} run, not {config.task!r}"
+    # One exit stack from the checkpointer on: a set-up error (config, sharding) closes the
+    # manager too, and the writer and progress bar close before it, as they were opened.
+    with contextlib.ExitStack() as stack:
+        ckpt = stack.enter_context(
+            Checkpointer(
+                workdir, max_to_keep=tcfg.keep_checkpoints, async_save=tcfg.async_checkpoint
             )
-        _restore_data_state(loader, data_state)
-        log.info("resumed from step %d of %s", start, workdir)
-    else:
-        start = 0
-        init = jax.jit(lambda p: init_state(p, optimizer, seed), out_shardings=state_sh)
-        state = init(sharding.put_tree(setup.trainable, state_sh.params))
-    frozen = sharding.put_tree(setup.frozen, frozen_sh)
-
-    step_fn = jax.jit(
-        make_train_step(setup.task.loss, optimizer, int(tcfg.accum_steps)),
-        in_shardings=(state_sh, frozen_sh, batch_sh),
-        out_shardings=(state_sh, replicated),
-        donate_argnums=(0,),
-    )
-    eval_fn, eval_batches = None, []
-    if config.data.get("eval_split") and tcfg.eval_every:
-        eval_caches = inputs.open_caches(config, models, splits, config.data.eval_split, with_vae)
-        eval_loader = inputs.make_loader(
-            config,
-            splits,
-            config.data.eval_split,
-            eval_caches,
-            int(tcfg.eval_batch_size),
-            seed=seed,
-            shuffle=True,
-            num_epochs=1,
         )
-        eval_batches = [step_inputs(next(eval_loader)) for _ in range(int(tcfg.eval_batches))]
-
-        def metrics_fn(p, f, b, r):
-            loss, m = setup.task.loss(p, f, b, r)
-            return {**m, "loss": loss}
-
-        shardings = (state_sh.params, frozen_sh, batch_sh, replicated)
-        margins = getattr(setup.task, "margins", None)
-        eval_fn = (
-            jax.jit(metrics_fn, in_shardings=shardings),
-            None if margins is None else jax.jit(margins, in_shardings=shardings),
+        start = ckpt.latest_step()
+        # On resume the checkpoint holds the adapter: no need to scan the split for its init.
+        embeds = None if start is not None else training_user_embeds(config, splits, loader)
+        setup = build_task(config, models, embeds, resuming=start is not None)
+        optimizer = make_optimizer(config.optim)
+        seed = int(config.seed)
+        boxed_state = jax.eval_shape(
+            lambda p: init_state(p, optimizer, seed), setup.trainable_boxes
         )
+        state_sh = sharding.tree_shardings(boxed_state, mesh, rules)
+        frozen_sh = sharding.tree_shardings(setup.frozen_boxes, mesh, rules)
+        batch_sh = sharding.batch_sharding(mesh)
+        replicated = sharding.replicated(mesh)
 
-    lr = make_lr_schedule(config.optim)
-    total = int(tcfg.steps)
-    every = int(tcfg.checkpoint_every)
-    cfg_json = _config_json(config)
-    writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
-    summary: dict[str, Any] = {"workdir": workdir, "start_step": start}
-    last: dict[str, float] = {}
-    eval_metrics: dict[str, float] = {}
-    progress = tqdm(
-        total=total,
-        initial=start,
-        disable=jax.process_index() != 0 or not tcfg.progress,
-        desc=f"{config.task} {config.get('name', '')}",
-        dynamic_ncols=True,
-    )
-    # Every process reaches the first collective (the step) together; see inputs.barrier.
-    inputs.barrier(f"ready:{workdir}:{start}")
-    try:
+        if start is not None:
+            abstract = _with_shardings(meta.unbox(boxed_state), state_sh)
+            state, data_state, saved_cfg = ckpt.restore(start, abstract)
+            if saved_cfg.get("task") != config.task:
+                raise ResumeError(
+                    f"{workdir} holds a {saved_cfg.get('task')!r} run, not {config.task!r}"
+                )
+            _restore_data_state(loader, data_state)
+            log.info("resumed from step %d of %s", start, workdir)
+        else:
+            start = 0
+            init = jax.jit(lambda p: init_state(p, optimizer, seed), out_shardings=state_sh)
+            state = init(sharding.put_tree(setup.trainable, state_sh.params))
+        frozen = sharding.put_tree(setup.frozen, frozen_sh)
+
+        step_fn = jax.jit(
+            make_train_step(setup.task.loss, optimizer, int(tcfg.accum_steps)),
+            in_shardings=(state_sh, frozen_sh, batch_sh),
+            out_shardings=(state_sh, replicated),
+            donate_argnums=(0,),
+        )
+        eval_fn, eval_batches = None, []
+        if config.data.get("eval_split") and tcfg.eval_every:
+            eval_caches = inputs.open_caches(
+                config, models, splits, config.data.eval_split, with_vae
+            )
+            eval_loader = inputs.make_loader(
+                config,
+                splits,
+                config.data.eval_split,
+                eval_caches,
+                int(tcfg.eval_batch_size),
+                seed=seed,
+                shuffle=True,
+                num_epochs=1,
+            )
+            eval_batches = [step_inputs(next(eval_loader)) for _ in range(int(tcfg.eval_batches))]
+
+            def metrics_fn(p, f, b, r):
+                loss, m = setup.task.loss(p, f, b, r)
+                return {**m, "loss": loss}
+
+            shardings = (state_sh.params, frozen_sh, batch_sh, replicated)
+            margins = getattr(setup.task, "margins", None)
+            eval_fn = (
+                jax.jit(metrics_fn, in_shardings=shardings),
+                None if margins is None else jax.jit(margins, in_shardings=shardings),
+            )
+
+        lr = make_lr_schedule(config.optim)
+        total = int(tcfg.steps)
+        every = int(tcfg.checkpoint_every)
+        cfg_json = _config_json(config)
+        writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
+        stack.callback(writer.close)
+        summary: dict[str, Any] = {"workdir": workdir, "start_step": start}
+        last: dict[str, float] = {}
+        eval_metrics: dict[str, float] = {}
+        progress = tqdm(
+            total=total,
+            initial=start,
+            disable=jax.process_index() != 0 or not tcfg.progress,
+            desc=f"{config.task} {config.get('name', '')}",
+            dynamic_ncols=True,
+        )
+        stack.callback(progress.close)
+        # Every process reaches the first collective (the step) together; see inputs.barrier.
+        inputs.barrier(f"ready:{workdir}:{start}")
         tick = time.perf_counter()
         for step in range(start + 1, total + 1):
             local = _fault(config, step, step_inputs(next(loader)), ckpt)
@@ -348,10 +359,6 @@ def train(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
             progress.set_postfix(loss=f"{m['loss']:.4g}", refresh=False)
         ckpt.wait()
         summary["checkpoints"] = ckpt.all_steps()
-    finally:
-        progress.close()
-        writer.close()
-        ckpt.close()
     summary.update(step=int(jax.device_get(state.step)), metrics=last, eval=eval_metrics)
     if config.task == "vae":
         summary["vae"] = _export_vae(models.vae, state.params, loader, workdir)
