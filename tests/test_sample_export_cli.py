@@ -139,3 +139,18 @@ def test_an_adapter_file_replaces_the_runs_adapter(run, tmp_path):
     np.testing.assert_array_equal(
         loaded([PROMPTS[0]], embeds, [3], steps=2), pipeline([PROMPTS[0]], embeds, [3], steps=2)
     )
+
+
+@pytest.mark.parametrize(
+    "name, has_user", [("sage_seen.csv", True), ("CoProv2_test.csv", False), ("debug.csv", False)]
+)
+def test_reads_psalign_eval_prompt_layouts(name, has_user):
+    """PSAlign's eval CSVs (caption, file_name, [user_id], extra columns) read as they ship."""
+    from psa_jax.sample.cli import read_prompts
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "psalign", "eval_prompts")
+    if not os.path.isdir(path):
+        pytest.skip("no ../shared/psalign/eval_prompts")
+    rows = read_prompts(os.path.join(path, name), limit=5)
+    assert len(rows) == 5 and all(r["caption"] and r["file_name"] for r in rows)
+    assert ("user_id" in rows[0]) == has_user
