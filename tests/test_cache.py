@@ -134,7 +134,7 @@ def test_second_build_reuses_without_encoding(world, built, monkeypatch):
         raise AssertionError("an encoder ran although a matching cache exists")
 
     monkeypatch.setattr(C, "_encode_images", boom)
-    monkeypatch.setattr(C, "_encode_text", boom)
+    monkeypatch.setattr(C, "encode_text", boom)
     again = build(world)
     assert again["path"] == built["path"] and again["build_seconds"] == built["build_seconds"]
 
@@ -150,8 +150,8 @@ def test_stale_manifest_is_rebuilt_not_used(world, built, tmp_path, monkeypatch)
     with open(manifest_path, "w") as f:
         json.dump(manifest, f)
     calls = []
-    real = C._encode_text
-    monkeypatch.setattr(C, "_encode_text", lambda *a: calls.append(1) or real(*a))
+    real = C.encode_text
+    monkeypatch.setattr(C, "encode_text", lambda *a: calls.append(1) or real(*a))
     with pytest.warns(UserWarning, match="does not match"):
         rebuilt = build({**world, "data": str(copy)})
     assert calls and rebuilt["dataset"]["fingerprint"] == built["dataset"]["fingerprint"]

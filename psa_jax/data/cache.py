@@ -154,8 +154,9 @@ def _moments_nhwc(mean: np.ndarray, logvar: np.ndarray) -> np.ndarray:
     return np.transpose(np.concatenate([mean, logvar], axis=1), (0, 2, 3, 1)).astype(np.float32)
 
 
-def _encode_text(text_encoder: Any, ids: np.ndarray, layer: str) -> tuple[jax.Array, jax.Array]:
-    """``[B, L]`` ids -> (``[B, L, D]`` states of ``layer``, ``[B, D']`` text_embeds or pooled)."""
+def encode_text(text_encoder: Any, ids: np.ndarray, layer: str) -> tuple[jax.Array, jax.Array]:
+    """``[B, L]`` ids -> (``[B, L, D]`` states of ``layer``, ``[B, D']`` text_embeds or pooled);
+    ``layer`` "last" or "penultimate". The caches and the sampler condition on the same text."""
     out = text_encoder(ids)
     states = out.last_hidden_state if layer == "last" else out.hidden_states[-2]
     return states, out.text_embeds if out.text_embeds is not None else out.pooled
@@ -303,8 +304,8 @@ def _write_arrays(
     """Run the encoders and write every ``.npy`` into ``tmp``; returns the array shapes."""
     arrays = {k: scan[k] for k in ("image_sha256", "record_index", *_ROWS)}
     batch = max(1, min(batch_size, len(ids)))
-    encode_text = lambda x: _encode_text(text, x, text_layer)  # noqa: E731
-    outs = list(_run_fixed(encode_text, _chunks(ids, batch), batch))
+    run_text = lambda x: encode_text(text, x, text_layer)  # noqa: E731
+    outs = list(_run_fixed(run_text, _chunks(ids, batch), batch))
     arrays["text_states"] = np.concatenate([o[0] for o in outs])
     arrays["text_pooled"] = np.concatenate([o[1] for o in outs])
     for k, v in arrays.items():

@@ -36,7 +36,6 @@ def read_prompts(path: str, limit: int | None = None) -> list[dict[str, str]]:
         rows = [dict(r) for r in reader]
     rows = rows[:limit] if limit else rows
     for i, r in enumerate(rows):
-        r.setdefault("file_name", f"{i:07d}.png")
         r["file_name"] = r.get("file_name") or f"{i:07d}.png"
     return rows
 

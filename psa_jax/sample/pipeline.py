@@ -20,7 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from psa_jax.data.cache import encode_text
 from psa_jax.data.tokenizer import tokenize
+from psa_jax.data.toy_world import to_uint8
 from psa_jax.sample import schedulers as sched_lib
 from psa_jax.sample.sampler import Conditioning, Sampler, sample_latents
 
@@ -182,18 +184,16 @@ class Pipeline:
         SDXL: the penultimate states of both encoders concatenated on D (as diffusers, which
         ignores the final layer norm there), pooled = encoder 2's projected ``text_embeds``."""
 
-        def run(encoder, tokenizer):
-            length = int(encoder.config.max_position_embeddings)
-            return encoder(tokenize(tokenizer, prompts, length))
+        def ids(encoder, tokenizer):
+            return tokenize(tokenizer, prompts, int(encoder.config.max_position_embeddings))
 
-        out = run(self.text_encoder, self.tokenizer)
-        if self.text_encoder_2 is not None:
-            out2 = run(self.text_encoder_2, self.tokenizer_2)
-            states = jnp.concatenate([out.hidden_states[-2], out2.hidden_states[-2]], axis=-1)
-            return states, out2.text_embeds
-        states = out.last_hidden_state if self.text_layer == "last" else out.hidden_states[-2]
-        pooled = out.text_embeds if out.text_embeds is not None else out.pooled
-        return states, pooled
+        first = ids(self.text_encoder, self.tokenizer)
+        if self.text_encoder_2 is None:
+            return encode_text(self.text_encoder, first, self.text_layer)
+        out = self.text_encoder(first)
+        out2 = self.text_encoder_2(ids(self.text_encoder_2, self.tokenizer_2))
+        states = jnp.concatenate([out.hidden_states[-2], out2.hidden_states[-2]], axis=-1)
+        return states, out2.text_embeds
 
     def encode_negative(self, negative_prompt: str) -> tuple[jax.Array, jax.Array]:
         """``[1, L, D]`` states and ``[1, D']`` pooled of the negative prompt. SDXL with
@@ -273,13 +273,13 @@ class Pipeline:
                 )
             shardings = (sharding.batch_sharding(mesh), sharding.replicated(mesh))
         neg_states, neg_pooled = self.encode_negative(negative_prompt)
+        time_ids = self.time_ids(batch_size) if self.text_encoder_2 is not None else None
         images = []
         for lo in range(0, n, batch_size):
             idx = np.minimum(np.arange(lo, lo + batch_size), n - 1)  # pad with the last row
             states, pooled = self.encode_prompts([prompts[i] for i in idx])
             added = neg_added = None
-            if self.text_encoder_2 is not None:  # SDXL: pooled text + size conditioning
-                time_ids = self.time_ids(batch_size)
+            if time_ids is not None:  # SDXL: pooled text + size conditioning
                 added = {"text_embeds": pooled, "time_ids": time_ids}
                 neg_added = {
                     "text_embeds": jnp.broadcast_to(neg_pooled, pooled.shape),
@@ -312,4 +312,4 @@ class Pipeline:
         z = jnp.transpose(latents_nhwc, (0, 3, 1, 2)) / self.scaling_factor + self.shift_factor
         images = np.asarray(self.vae.decode(z), np.float32)  # NCHW in [-1, 1]
         unit = np.transpose(np.clip(images / 2 + 0.5, 0.0, 1.0), (0, 2, 3, 1))
-        return unit if output == "float" else np.rint(unit * 255).astype(np.uint8)
+        return unit if output == "float" else to_uint8(unit)

@@ -112,7 +112,10 @@ def denoise(
         t = schedule.timesteps[i]
         model_in = sched_lib.scale_model_input(schedule, x, i)
         out = guided_prediction(sampler, variables, model_in, t, cond)
-        noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), x.shape[1:]))(keys)
+        noise = None
+        if schedule.stochastic:  # per-sample noise: a sample's draws ignore its batch
+            draw = lambda k: jax.random.normal(jax.random.fold_in(k, i), x.shape[1:])  # noqa: E731
+            noise = jax.vmap(draw)(keys)
         return sched_lib.step(schedule, state, i, out, x, noise=noise)
 
     x, _ = jax.lax.fori_loop(0, schedule.timesteps.shape[0], body, (latents, state))
