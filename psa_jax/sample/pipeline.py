@@ -96,10 +96,14 @@ class Pipeline:
         """The models of a training run: a ``dpo`` run's adapter on its base, or the UNet of a
         ``denoise`` run (full fine-tune, or its LoRA merged into the base). The run's profile
         embedding table comes along as ``embeddings``."""
-        run = load_run(workdir, step)
+        return cls.from_loaded_run(load_run(workdir, step), str(workdir))
+
+    @classmethod
+    def from_loaded_run(cls, run: Run, where: str = "the run") -> Pipeline:
+        """:meth:`from_run` on a :func:`load_run` result (evaluation keeps the ``Run``)."""
         models = run.models
         if models.vae is None:
-            raise ValueError(f"the config of {workdir} has no VAE to decode samples")
+            raise ValueError(f"the config of {where} has no VAE to decode samples")
         return cls(
             models.module,
             run.unet_params,

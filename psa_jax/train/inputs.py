@@ -182,6 +182,13 @@ def _toy_splits(config: Any, root: str) -> tuple[str, dict[str, str], str]:
     return world, splits, os.path.join(world, "users.csv")
 
 
+def toy_world_dir(config: Any) -> str:
+    """The Sage-mini folder of a ``data.source="toy"`` config (generated if absent)."""
+    if config.data.source != "toy":
+        raise ValueError(f"data.source is {config.data.source!r}, not the toy world")
+    return _toy_splits(config, cache_root(config))[0]
+
+
 def prepare_data(config: Any, models: BaseModels) -> Splits:
     """Build (or reuse) the TFDS splits, embeddings and tokenizer a run needs."""
     root = cache_root(config)

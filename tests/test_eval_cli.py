@@ -1,0 +1,175 @@
+"""``psa-jax eval`` and ``psa-jax spqr`` end to end on a tiny DPO run of a small Sage-mini world
+(random frozen base: the numbers are not meaningful, the files, keys and guarantees are), and
+their bad-input paths: a named one-line error, exit 2, nothing written."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+from test_trainer import small_config
+
+from psa_jax import cli
+from psa_jax.eval import benchmark, report
+from psa_jax.train import trainer
+
+FAST = ["--steps", "2", "--draws", "1", "--users-per-group", "2", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    cache = str(tmp_path_factory.mktemp("cache"))
+    workdir = str(tmp_path_factory.mktemp("dpo"))
+    cfg = small_config(
+        cache,
+        "train.steps=2",
+        "train.checkpoint_every=2",
+        "data.toy.include_level_users=True",
+        "data.toy.num_benign=16",
+    )
+    trainer.train(cfg, workdir)
+    return workdir
+
+
+def _nothing_written(out: str) -> None:
+    parent = os.path.dirname(out)
+    assert not os.path.exists(out)
+    assert not [f for f in os.listdir(parent) if ".tmp-" in f]
+
+
+@pytest.mark.slow
+def test_eval_writes_results_plots_and_page(run, tmp_path):
+    out = str(tmp_path / "eval")
+    assert cli.main(["eval", "--workdir", run, "--out", out, *FAST]) == 0
+    res = json.load(open(os.path.join(out, "results.json")))
+    assert res["levels"] == [f"level-{i}" for i in range(6)]
+    groups = res["groups"]
+    assert {"seen", "unseen"} <= set(groups)
+    assert groups["seen"]["users"] == 2
+    level5 = groups["level-5"]
+    assert level5["user"] == "0000501" and len(level5["banned"]) == 7
+    for key in (
+        "ip_psa",
+        "ip_base",
+        "pass_rate_psa",
+        "banned_rate_psa",
+        "suppression_ratio",
+        "win_rate/toy-oracle",
+        "adherence_psa/toy-adherence",
+    ):
+        assert key in level5
+    assert level5["allowed_own_rate_psa"] is None  # level 5 allows nothing
+    assert set(res["fid"]["toy-fid"]) == {"psa", "base"}
+    rows = list(csv.DictReader(open(os.path.join(out, "results.csv"))))
+    assert [r["group"] for r in rows] == list(groups)
+    page = open(os.path.join(out, "index.html")).read()
+    for name in ("levels.png", "grid_level-5.png", "grid_seen.png"):
+        assert os.path.isfile(os.path.join(out, name)) and name in page
+    # A rerun into the same folder replaces the earlier result.
+    assert cli.main(["eval", "--workdir", run, "--out", out, *FAST, "--seed", "3"]) == 0
+    assert json.load(open(os.path.join(out, "results.json")))["settings"]["seed"] == 3
+
+
+@pytest.mark.slow
+def test_spqr_writes_before_after_and_levels(run, tmp_path):
+    out = str(tmp_path / "spqr")
+    args = ["spqr", "--workdir", run, "--profile", "moderate", "--out", out, *FAST]
+    assert cli.main([*args, "--finetune-steps", "2"]) == 0
+    res = json.load(open(os.path.join(out, "spqr.json")))
+    for phase in ("before", "after", "published"):
+        assert set(res[phase]) == {"S", "P", "Q", "R", "score"}
+    assert res["before"]["R"] == 0.5
+    assert set(res["levels"]) == {str(i) for i in range(6)}
+    assert res["levels"]["0"]["before"]["S"] is None  # level 0 bans nothing
+    assert set(res["levels"]["5"]["after"]) >= {"S", "P", "Q", "R", "score", "retention"}
+    assert set(res["fid"]) == {"base", "before", "after"}
+    assert res["finetune_loss"]["steps"] == 2 and res["profile"] == "moderate"
+    for name in (
+        "spqr.png",
+        "spqr_levels.png",
+        "finetune_loss.png",
+        "index.html",
+        "results.csv",
+        "grid_level-5.png",
+    ):
+        assert os.path.isfile(os.path.join(out, name)), name
+
+
+def _fails(capsys, args, match):
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert match in err and err.count("\n") == 1, err
+
+
+def test_bad_inputs_are_named_and_write_nothing(run, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    _fails(capsys, ["eval", "--workdir", str(tmp_path / "missing"), "--out", out], "does not exist")
+    _nothing_written(out)
+    not_a_run = tmp_path / "empty"
+    not_a_run.mkdir()
+    _fails(
+        capsys,
+        ["spqr", "--workdir", str(not_a_run), "--profile", "lite", "--out", out],
+        "not a psa-jax train run",
+    )
+    _fails(
+        capsys,
+        ["eval", "--workdir", run, "--out", out, "--scorers", "toy-oracle,nope"],
+        "unknown scorer 'nope'",
+    )
+    bad_csv = tmp_path / "prompts.csv"
+    bad_csv.write_text("prompt,user_id\nhello,1\n")
+    _fails(
+        capsys,
+        ["eval", "--workdir", run, "--out", out, "--prompts", str(bad_csv)],
+        "no 'caption' column",
+    )
+    _fails(
+        capsys,
+        ["eval", "--workdir", run, "--out", out, "--scorers", "q16"],
+        "needs a local transformers CLIPModel folder",
+    )
+    _fails(
+        capsys,
+        [
+            "eval",
+            "--workdir",
+            run,
+            "--out",
+            out,
+            "--scorers",
+            "fid",
+            "--fid-weights",
+            str(tmp_path / "inception.pt"),
+        ],
+        "fid",
+    )
+    _nothing_written(out)
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "mine.txt").write_text("keep me")
+    _fails(capsys, ["eval", "--workdir", run, "--out", str(full)], "not empty")
+    assert os.listdir(full) == ["mine.txt"]
+
+
+def test_a_failure_while_writing_leaves_nothing(run, tmp_path, monkeypatch):
+    out = str(tmp_path / "eval")
+
+    def broken(folder, bundle):
+        open(os.path.join(folder, "results.json"), "w").write("{")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(report, "write_eval_report", broken)
+    monkeypatch.setattr(benchmark, "evaluate_run", lambda *a, **k: {"results": {}})
+    with pytest.raises(RuntimeError, match="disk full"):
+        cli.main(["eval", "--workdir", run, "--out", out, *FAST])
+    _nothing_written(out)
+
+
+def test_adapter_digest_sees_one_bit():
+    tree = {"a": np.zeros(3, np.float32)}
+    flipped = {"a": np.array([0.0, -0.0, 0.0], np.float32)}
+    assert benchmark.adapter_digest(tree) != benchmark.adapter_digest(flipped)
