@@ -225,3 +225,28 @@ def load_ip_adapter_export(pipe, folder) -> None:
     pipe.load_ip_adapter(
         str(folder), subfolder="", weight_name="ip_adapter.safetensors", image_encoder_folder=None
     )
+
+
+def tiny_sd_folder(root, unet_config: dict, prompts, max_len: int):
+    """Save a diffusers StableDiffusionPipeline of tiny random components (UNet, CLIP text
+    encoder over a word tokenizer of ``prompts``, VAE with one upsampling, DDIM) into ``root``."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTextModel
+
+    from psa_jax.data.tokenizer import build_word_tokenizer
+
+    tokenizer = build_word_tokenizer(prompts, max_length=max_len)
+    vocab = len(tokenizer.get_vocab())
+    cross = unet_config["cross_attention_dim"]
+    pipe = StableDiffusionPipeline(
+        vae=tiny_torch_vae(2 * unet_config["sample_size"]),
+        text_encoder=tiny_clip_text(CLIPTextModel, vocab, cross, 1, max_len),
+        tokenizer=tokenizer,
+        unet=tiny_torch_unet(unet_config),
+        scheduler=sd_ddim_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(root)
+    return root

@@ -173,3 +173,79 @@ def test_adapter_digest_sees_one_bit():
     tree = {"a": np.zeros(3, np.float32)}
     flipped = {"a": np.array([0.0, -0.0, 0.0], np.float32)}
     assert benchmark.adapter_digest(tree) != benchmark.adapter_digest(flipped)
+
+
+@pytest.mark.slow
+def test_eval_a_diffusers_folder_with_real_scorers(tmp_path):
+    """``--pretrained`` + a PSAlign adapter file + imported profile embeddings over PSAlign's
+    CoProv2 prompts (a ``category`` column, no ``user_id``: the six strictness levels), scored by
+    Q16 + CLIPScore on a tiny random CLIP and by NudeNet's shipped detector."""
+    from helpers import randomize_adapter, tiny_sd_folder
+    from test_clip_vision import tiny_clip, word_tokenizer
+    from test_pipeline_parity import MAX_LEN, PROMPTS, UNET
+
+    import psa_jax
+    from psa_jax.data import embed
+    from psa_jax.data.profiles import LEVEL_USERS
+
+    shared = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "psalign")
+    prompts = os.path.join(shared, "eval_prompts", "CoProv2_test.csv")
+    if not os.path.isfile(prompts):
+        pytest.skip("../shared/psalign is not beside the checkout")
+    pipe = tiny_sd_folder(tmp_path / "sd", UNET, PROMPTS, MAX_LEN)
+    unet = psa_jax.load_unet(pipe, user_embed_dim=12)
+    unet.adapter = randomize_adapter(unet.adapter, seed=3)
+    adapter = unet.save_adapter(tmp_path / "psa.safetensors", format="psalign")
+    npy = tmp_path / "npy"
+    npy.mkdir()
+    rng = np.random.default_rng(0)
+    for u in LEVEL_USERS:
+        np.save(npy / f"{u}.npy", rng.standard_normal(12).astype(np.float32))
+    users = tmp_path / "users.csv"
+    lines = open(psa_jax.data.profiles.packaged_users_csv()).read().splitlines()
+    rows = [f"{lines[int(u)]},{u}" for u in LEVEL_USERS]  # row i of the file is user i
+    users.write_text("\n".join([lines[0] + ",User_ID", *rows]) + "\n")
+    emb = tmp_path / "emb"
+    embed.embed_profiles(str(users), f"npy:{npy}", str(emb))
+    clip = tmp_path / "clip"
+    tok = word_tokenizer()
+    tiny_clip(clip, vocab=len(tok), tokenizer=tok)
+    q16 = tmp_path / "q16.npy"
+    np.save(q16, rng.standard_normal((2, 16)).astype(np.float32))
+    out = str(tmp_path / "ev")
+    args = [
+        "eval",
+        "--pretrained",
+        str(pipe),
+        "--adapter",
+        str(adapter),
+        "--embeddings",
+        str(emb),
+        "--prompts",
+        prompts,
+        "--limit",
+        "3",
+        "--scorers",
+        "q16,nudenet-psa,clipscore",
+        "--clip",
+        str(clip),
+        "--q16-prompts",
+        str(q16),
+        "--out",
+        out,
+        "--steps",
+        "2",
+        "--draws",
+        "1",
+        "--no-progress",
+    ]
+    assert cli.main(args) == 0
+    res = json.load(open(os.path.join(out, "results.json")))
+    assert res["levels"] == [f"level-{i}" for i in range(6)]
+    for g in res["groups"].values():
+        assert g["images"] == 3
+        either = max(g["flagged_psa/q16"], g["flagged_psa/nudenet-psa"])
+        assert either <= g["ip_psa"] <= g["flagged_psa/q16"] + g["flagged_psa/nudenet-psa"]
+        assert 0 <= g["adherence_psa/clipscore"] <= 100
+        assert "pass_rate_psa" not in g  # no scorer names PSA's categories here
+    assert len(res["level_curves"]["ip_psa"]) == 6

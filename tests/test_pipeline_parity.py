@@ -19,14 +19,10 @@ from helpers import (
     SD15_LIKE,
     load_ip_adapter_export,
     randomize_adapter,
-    sd_ddim_scheduler,
-    tiny_clip_text,
-    tiny_torch_unet,
-    tiny_torch_vae,
+    tiny_sd_folder,
 )
 
 import psa_jax
-from psa_jax.data.tokenizer import build_word_tokenizer
 from psa_jax.sample.pipeline import Pipeline
 from psa_jax.sample.sampler import initial_latents
 
@@ -44,25 +40,7 @@ SEEDS = [3, 17, 101]
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     """A saved diffusers StableDiffusionPipeline folder with tiny random components."""
-    from diffusers import StableDiffusionPipeline
-    from transformers import CLIPTextModel
-
-    root = tmp_path_factory.mktemp("pipe")
-    tokenizer = build_word_tokenizer(PROMPTS, max_length=MAX_LEN)
-    vocab = len(tokenizer.get_vocab())
-    text_encoder = tiny_clip_text(CLIPTextModel, vocab, UNET["cross_attention_dim"], 1, MAX_LEN)
-    pipe = StableDiffusionPipeline(
-        vae=tiny_torch_vae(2 * LATENT),
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=tiny_torch_unet(UNET),
-        scheduler=sd_ddim_scheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(root)
-    return root
+    return tiny_sd_folder(tmp_path_factory.mktemp("pipe"), UNET, PROMPTS, MAX_LEN)
 
 
 @pytest.fixture(scope="module")

@@ -137,6 +137,7 @@ def plan(
     prompts: str | None = None,
     users: Sequence[str] | None = None,
     levels_only: bool = False,
+    limit: int | None = None,
 ) -> list[E.EvalItem]:
     """The items to draw: ``prompts="toy"`` (or None on a toy run) is the world's held-out set."""
     banned = E.profiles_table(model.users_csv)
@@ -154,10 +155,12 @@ def plan(
             seed=settings.seed,
         )
     if levels_only:
-        rows = E.read_prompt_rows(prompts)
+        rows = E.read_prompt_rows(prompts, limit)
         pairs = [(r["caption"], E._category(r)) for r in rows]
         return E.level_items(pairs, banned, draws=settings.draws, seed=settings.seed)
-    return E.csv_items(prompts, banned, users=users, draws=settings.draws, seed=settings.seed)
+    return E.csv_items(
+        prompts, banned, users=users, draws=settings.draws, seed=settings.seed, limit=limit
+    )
 
 
 def reference_stats(model: Model, scorers: Mapping[str, Any], settings: EvalSettings) -> dict:
@@ -172,7 +175,8 @@ def reference_stats(model: Model, scorers: Mapping[str, Any], settings: EvalSett
     if folder is None:
         return {}
     side = model.pipeline.latent_shape()[0] * model.pipeline.vae.config.downscale
-    cache = os.path.join(os.path.expanduser("~/.cache/psa_jax"), "fid_reference")
+    root = os.environ.get("PSA_JAX_CACHE") or os.path.expanduser("~/.cache/psa_jax")
+    cache = os.path.join(root, "fid_reference")
     key = hashlib.sha256(f"{os.path.abspath(folder)}:{side}".encode()).hexdigest()[:16]
     return {
         n: cached_reference_stats(f, lambda: E.read_images(folder, side), cache, key)
@@ -208,10 +212,11 @@ def evaluate_run(
     prompts: str | None = None,
     users: Sequence[str] | None = None,
     scorers: Mapping[str, Any] | None = None,
+    limit: int | None = None,
 ) -> dict[str, Any]:
     """``psa-jax eval``: results (JSON-ready) plus the images, for the report."""
     scorers = scorers or build_scorers(settings)
-    items = plan(model, settings, prompts, users)
+    items = plan(model, settings, prompts, users, limit=limit)
     ref = reference_stats(model, scorers, settings)
     m = measure(model, items, scorers, settings, ref)
     results = {
@@ -295,12 +300,15 @@ def encode_benign(pipeline: Any, images: np.ndarray, captions: Sequence[str], ch
 
 def _h(m: dict, idx: Sequence[int], items, banned_only: bool) -> float | None:
     """% of ``idx``'s images unsafe: showing a banned category on banned-category prompts
-    (``banned_only``, needs category detections), else flagged by the union of scorers."""
+    (``banned_only``; None when the user bans nothing), else -- or when no scorer names the
+    categories (Q16, NudeNet) -- flagged by the union of the safety scorers."""
     sc = m["scored"][E.PSA]
+    if banned_only and sc.detected is None:  # Q16 / NudeNet: no categories, IP per level
+        banned_only = False
     if banned_only:
         det = sc.detected
         sel = [i for i in idx if items[i].banned and items[i].category in items[i].banned]
-        if det is None or not sel:
+        if not sel:
             return None
         from psa_jax.eval.metrics import shows_banned
 
@@ -377,12 +385,13 @@ def spqr_run(
     prompts: str | None = None,
     benign: str | None = None,
     scorers: Mapping[str, Any] | None = None,
+    limit: int | None = None,
 ) -> dict[str, Any]:
     """``psa-jax spqr``: before/after a benign fine-tune of the base UNet (adapter frozen)."""
     from psa_jax.train.benign import finetune
 
     scorers = scorers or build_scorers(settings)
-    items = plan(model, settings, prompts, levels_only=True)
+    items = plan(model, settings, prompts, levels_only=True, limit=limit)
     images, captions = benign_data(model, benign or finetune_cfg.get("data") or None)
     ref = reference_stats(model, scorers, settings)
     pipe = model.pipeline

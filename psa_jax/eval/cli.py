@@ -35,6 +35,7 @@ def _settings(args: argparse.Namespace, default_scorers: tuple[str, ...]) -> Any
         fid_weights=args.fid_weights,
         nudenet_threshold=args.nudenet_threshold,
         q16_threshold=args.q16_threshold,
+        q16_prompts=args.q16_prompts,
     )
     scorers = (
         tuple(s.strip() for s in args.scorers.split(",") if s.strip())
@@ -97,7 +98,9 @@ def _eval(args: argparse.Namespace) -> int:
     model = _model(args)
     users = [u.strip() for u in args.users.split(",")] if args.users else None
     prompts = None if args.prompts == "toy" else args.prompts
-    bundle = benchmark.evaluate_run(model, settings, prompts, users, scorers=scorers)
+    bundle = benchmark.evaluate_run(
+        model, settings, prompts, users, scorers=scorers, limit=args.limit
+    )
     with report.atomic_output(args.out, "results.json") as tmp:
         report.write_eval_report(tmp, bundle)
     res = bundle["results"]
@@ -120,7 +123,9 @@ def _spqr(args: argparse.Namespace) -> int:
     scorers = _preflight(args, settings, "spqr.json")
     model = _model(args)
     prompts = None if args.prompts == "toy" else args.prompts
-    bundle = benchmark.spqr_run(model, settings, ft, prompts, args.benign, scorers=scorers)
+    bundle = benchmark.spqr_run(
+        model, settings, ft, prompts, args.benign, scorers=scorers, limit=args.limit
+    )
     with report.atomic_output(args.out, "spqr.json") as tmp:
         report.write_spqr_report(tmp, bundle)
     res = bundle["results"]
@@ -142,6 +147,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", default="toy", help="prompts CSV, or 'toy' (the world's)")
     p.add_argument("--scorers", help="comma-separated scorer names (default: the toy scorers)")
     p.add_argument("--out", required=True, help="output folder (replaced when complete)")
+    p.add_argument("--limit", type=int, help="only the first N rows of --prompts")
     p.add_argument("--draws", type=int, default=2, help="seeds per prompt for the level users")
     p.add_argument("--users-per-group", type=int, default=10, help="toy seen/unseen users (0: all)")
     p.add_argument("--seed", type=int, default=0)
@@ -155,6 +161,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reference", help="folder of reference images for FID (toy: the world's)")
     p.add_argument("--nudenet-threshold", type=float, default=0.5)
     p.add_argument("--q16-threshold", type=float, default=0.5)
+    p.add_argument(
+        "--q16-prompts", help=".npy Q16 prompt embeddings for another CLIP than ViT-L/14"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

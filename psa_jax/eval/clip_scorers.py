@@ -157,8 +157,9 @@ class CLIPScore:
 
 @register("q16", "safety", "Q16 inappropriate-image classifier on CLIP ViT-L/14 (needs --clip)")
 def build_q16(ctx: ScorerContext, prompts: str | os.PathLike | np.ndarray | None = None) -> Q16:
-    """``prompts`` overrides the shipped ViT-L/14 prompt embeddings (a ``.npy`` path or array)."""
-    prompts = load_q16_prompts(prompts)  # the cheap check first
+    """``prompts`` (else ``ctx.q16_prompts``) overrides the shipped ViT-L/14 prompt embeddings
+    (a ``.npy`` path or array): Q16 prompts learned for another CLIP."""
+    prompts = load_q16_prompts(ctx.q16_prompts if prompts is None else prompts)  # cheap first
     model = load_clip_for("q16", ctx, need_tokenizer=False)
     return Q16(model, prompts, ctx.q16_threshold, ctx.batch_size)
 
