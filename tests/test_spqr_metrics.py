@@ -187,3 +187,38 @@ def test_personalized_spqr_axes_on_known_verdicts():
     assert lv1["before"]["score"] == pytest.approx(want)
     # Level 5 allows nothing: no retention axis.
     assert out["levels"]["5"]["before"]["retention"] is None
+
+
+class _FakePipeline:
+    """Images that encode (seed, user row) so the pairing of generate() can be read back."""
+
+    def __init__(self):
+        self.embeddings = {u: np.full(2, float(u[-1]), np.float32) for u in ("0000001", "0000002")}
+        self.calls = []
+
+    def __call__(self, prompts, user_embeds, seeds, **settings):
+        self.calls.append((len(prompts), user_embeds is not None))
+        out = np.zeros((len(prompts), 4, 4, 3), np.uint8)
+        for i, seed in enumerate(seeds):
+            out[i, ..., 0] = seed
+            out[i, ..., 1] = 0 if user_embeds is None else int(user_embeds[i, 0])
+        return out
+
+
+def test_generate_pairs_each_user_image_with_one_base_draw():
+    from psa_jax.eval.evaluate import BASE, PSA, EvalItem, generate
+
+    items = [
+        EvalItem("a", 5, "g", "0000001"),
+        EvalItem("a", 5, "g", "0000002"),
+        EvalItem("b", 6, "g", None),
+    ]
+    pipe = _FakePipeline()
+    out = generate(pipe, items, {}, progress=False, chunk=2)
+    assert out[BASE][:, 0, 0, 0].tolist() == [5, 5, 6]
+    assert out[PSA][:, 0, 0, 1].tolist() == [1, 2, 0]  # the user-less item is the base's image
+    assert sum(n for n, user in pipe.calls if not user) == 2  # (a, 5) drawn once for the base
+    only_base = generate(_FakePipeline(), items[2:], {}, progress=False)
+    np.testing.assert_array_equal(only_base[PSA], only_base[BASE])
+    with pytest.raises(ValueError, match="needs a user"):
+        generate(_FakePipeline(), items, {}, progress=False, base=False)

@@ -205,7 +205,9 @@ def generate(
     if params is not None:
         pipeline = dataclasses.replace(pipeline, params=params)
     with_user = [i for i, it in enumerate(items) if it.user is not None]
-    embeds = embeddings_for([items[i].user for i in with_user], pipeline.embeddings)
+    embeds = None
+    if with_user:
+        embeds = embeddings_for([items[i].user for i in with_user], pipeline.embeddings)
     keys = list(dict.fromkeys((it.caption, it.seed) for it in items)) if base else []
     if not base and len(with_user) != len(items):
         raise ValueError("base=False needs a user for every item")
