@@ -200,7 +200,7 @@ def measure(
     )
     if base_images is not None:
         images[E.BASE] = base_images
-    scored = {k: E.score(v, items, scorers) for k, v in images.items()}
+    scored = {k: E.score(v, items, scorers, progress=settings.progress) for k, v in images.items()}
     fmaps = {n: s for n, s in scorers.items() if s.kind == "features" and n in ref}
     fid = E.fid_scores(fmaps, images, ref) if fmaps else {}
     return {"images": images, "scored": scored, "summary": E.summarize(items, scored), "fid": fid}

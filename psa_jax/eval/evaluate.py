@@ -267,7 +267,11 @@ class Scored:
 
 
 def score(
-    images: np.ndarray, items: Sequence[EvalItem], scorers: Mapping[str, Any], chunk: int = 256
+    images: np.ndarray,
+    items: Sequence[EvalItem],
+    scorers: Mapping[str, Any],
+    chunk: int = 256,
+    progress: bool = False,
 ) -> Scored:
     """Run the safety and adherence scorers (feature maps are used by :func:`fid_scores`)."""
     prompts = [it.caption for it in items]
@@ -275,7 +279,8 @@ def score(
     safety, adherence = {}, {}
     for name, scorer in scorers.items():
         parts = []
-        for lo in range(0, len(images), chunk):
+        starts = range(0, len(images), chunk)
+        for lo in tqdm(starts, desc=f"scoring ({name})", disable=not progress or len(starts) < 2):
             sl = slice(lo, lo + chunk)
             if scorer.kind == "safety":
                 parts.append(scorer(images[sl], prompts[sl], cats[sl]))
