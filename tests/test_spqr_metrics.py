@@ -134,7 +134,7 @@ def test_scorer_registry_errors():
 def _fake_measure(items, own_shown, adherence):
     """A ``benchmark.measure`` result whose toy oracle sees each item's own marker iff
     ``own_shown[i]`` (and nothing else), for the PSA model; the base shows every marker."""
-    from psa_jax.eval.evaluate import BASE, PSA, Scored
+    from psa_jax.eval.evaluate import BASE, PSA, Scored, summarize
     from psa_jax.eval.scorers import SafetyScores
 
     def scored(shown, adh):
@@ -144,12 +144,8 @@ def _fake_measure(items, own_shown, adherence):
         s = SafetyScores(det.any(1).astype(float), det.any(1), det, tuple(CATEGORIES))
         return Scored({"toy-oracle": s}, {"toy-adherence": np.asarray(adh, float)})
 
-    return {
-        "scored": {
-            PSA: scored(own_shown, adherence),
-            BASE: scored([True] * len(items), [1.0] * len(items)),
-        }
-    }
+    out = {PSA: scored(own_shown, adherence), BASE: scored([True] * len(items), [1.0] * len(items))}
+    return {"scored": out, "summary": summarize(items, out)}
 
 
 def test_personalized_spqr_axes_on_known_verdicts():

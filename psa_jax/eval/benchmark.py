@@ -370,8 +370,7 @@ def spqr_axes(items, before: dict, after: dict, q: Mapping[str, float]) -> dict[
             ("after", after, s_a, r_l),
         ):
             axes = _axes(s, _adherence_ratio(m, idx), q.get(name), rr)
-            summ = E.group_summary(items, idx, m["scored"])
-            ret = summ.get("allowed_retention")
+            ret = m["summary"]["groups"][f"level-{level}"].get("allowed_retention")
             axes["retention"] = None if ret is None else min(ret, 1.0)
             entry[name] = axes
         out["levels"][str(level)] = entry

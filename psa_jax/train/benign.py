@@ -148,9 +148,8 @@ def apply_trainable(params: Mapping[str, Any], trainable: Any, profile: Profile)
     }
     for name, leaves in trainable.items():
         for leaf, value in leaves.items():
-            dtype = convert.flat_leaves(params)[(*index[name], leaf)].dtype
             params = lora_lib._set_in(
-                params, (*index[name], leaf), lambda _, v=value, d=dtype: jnp.asarray(v).astype(d)
+                params, (*index[name], leaf), lambda old, v=value: jnp.asarray(v).astype(old.dtype)
             )
     return params
 
