@@ -15,6 +15,8 @@ setup(
         "psa_jax": ["py.typed"],
         "psa_jax.data": ["psalign/*"],
         "psa_jax.eval": ["data/*.npy"],  # Q16 prompt embeddings (clip_scorers)
+        # packaged:tiny-base, the embedded default's base (launch/tiny.sh; a few MB)
+        "psa_jax.models": ["tiny_base/*.json", "tiny_base/*/*.json", "tiny_base/*/*.safetensors"],
     },
     install_requires=[
         "jax>=0.4.35",

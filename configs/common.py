@@ -107,6 +107,7 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
             "progress": True,
             "denoise_target": "unet",  # task=denoise: "unet" (full) or "lora"
             "image_key": "chosen",  # task=denoise: "chosen", "rejected" or "both"
+            "snr_gamma": 0.0,  # task=denoise: Min-SNR-gamma loss weights (0: plain MSE)
             "vae_kl_weight": 1e-6,  # task=vae: KL weight next to the reconstruction MSE
             "lora": {
                 "rank": 4,

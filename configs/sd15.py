@@ -16,6 +16,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.name = "sd15"
     config.model = ml_collections.ConfigDict()
+    config.model.init = "pretrained"  # model.init="random": random weights (tests, smoke)
     config.model.pretrained = ""  # local diffusers folder; required for training
     config.model.unet = {
         "sample_size": 64,

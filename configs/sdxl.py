@@ -16,6 +16,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.name = "sdxl"
     config.model = ml_collections.ConfigDict()
+    config.model.init = "pretrained"  # model.init="random": random weights (tests, smoke)
     config.model.pretrained = ""
     config.model.unet = {
         "sample_size": 128,

@@ -28,13 +28,15 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--seed", type=int, default=0)
     info.set_defaults(func=_info)
     from psa_jax.data import embed, sage, toy_world
+    from psa_jax.demo import cli as demo_cli
     from psa_jax.eval import cli as eval_cli
     from psa_jax.export import cli as export_cli
     from psa_jax.sample import cli as sample_cli
     from psa_jax.train import trainer
 
     registers = (toy_world.register, sage.register, embed.register, trainer.register)
-    for register in (*registers, sample_cli.register, eval_cli.register, export_cli.register):
+    others = (sample_cli.register, eval_cli.register, export_cli.register, demo_cli.register)
+    for register in (*registers, *others):
         register(sub)
     return parser
 

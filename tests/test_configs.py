@@ -36,10 +36,47 @@ def test_sdxl_matches_diffusers_parameter_counts():
     assert proj == 3584 * 2048 + 2048 + 2 * 2048
 
 
-def test_tiny_is_few_hundred_k_params():
+def test_tiny_is_about_a_million_params():
     base, kv, proj = _counts(tiny.get_config())
-    assert 100_000 < base < 1_000_000, base
-    assert kv > 0 and proj == 384 * 32 + 32 + 2 * 32
+    assert 500_000 < base < 1_500_000, base
+    t = tiny.get_config().model.adapter.num_user_tokens  # user tokens of width 32 each
+    assert kv > 0 and proj == 384 * 32 * t + 32 * t + 2 * 32  # LayerNorm over each token
+
+
+def test_model_init_is_explicit_and_checked():
+    """Nothing trains on random weights unless the config says so (API.md)."""
+    import ml_collections
+    import pytest
+
+    from psa_jax.models.packaged import TINY_BASE
+    from psa_jax.train.inputs import model_init
+
+    assert (tiny.get_config().model.init, tiny.get_config().model.pretrained) == (
+        "pretrained",
+        TINY_BASE,
+    )
+    assert tiny.get_config("base").model.init == tiny.get_config("vae").model.init == "random"
+    assert sd15.get_config().model.init == sdxl.get_config().model.init == "pretrained"
+    with pytest.raises(ValueError, match=r"needs model\.pretrained"):
+        model_init(sd15.get_config().model)  # no folder given: an error, not random weights
+    with pytest.raises(ValueError, match="both name a base"):
+        model_init(ml_collections.ConfigDict({"init": "pretrained", "pretrained": "a",
+                                              "base_workdir": "b"}))  # fmt: skip
+    with pytest.raises(ValueError, match="unknown"):
+        model_init(ml_collections.ConfigDict({"init": "zeros"}))
+    # Runs saved before the key existed migrate by what they set.
+    assert model_init(ml_collections.ConfigDict({"base_workdir": "runs/b"})) == "pretrained"
+    assert model_init(ml_collections.ConfigDict({"pretrained": ""})) == "random"
+
+
+def test_packaged_names_resolve_or_fail_by_name(tmp_path):
+    import pytest
+
+    from psa_jax.models.packaged import PackagedModelError, resolve
+
+    assert resolve(str(tmp_path)) == str(tmp_path)
+    with pytest.raises(PackagedModelError, match="no packaged model 'huge'"):
+        resolve("packaged:huge")
 
 
 def test_overrides_set_typed_values_and_reject_unknown_keys():

@@ -129,7 +129,13 @@ def test_an_adapter_file_replaces_the_runs_adapter(run, tmp_path):
     from psa_jax.sample.cli import with_adapter
 
     _, pipeline = run
-    unet = PSAUNet(pipeline.module.config, pipeline.params, adapter=pipeline.adapter)
+    tokens = (
+        pipeline.adapter["user_proj"]["kernel"].shape[1]
+        // pipeline.module.config.cross_attention_dim
+    )
+    unet = PSAUNet(
+        pipeline.module.config, pipeline.params, adapter=pipeline.adapter, num_user_tokens=tokens
+    )
     path = unet.save_adapter(str(tmp_path / "adapter.safetensors"))
     loaded = with_adapter(dataclasses.replace(pipeline, adapter=None), path)
     for a, b in zip(jax.tree.leaves(loaded.adapter), jax.tree.leaves(pipeline.adapter)):

@@ -197,3 +197,35 @@ def test_vae_task_kl_matches_numpy_and_training_lowers_the_loss():
     moments = module.apply({"params": state.params}, images, method=AutoencoderKL.encode)
     np.testing.assert_allclose(np.std(np.split(np.asarray(moments), 2, -1)[0]) * scale, 1.0,
                                rtol=1e-5)  # fmt: skip
+
+
+def test_min_snr_weights_equal_the_formula_and_weight_the_denoise_loss(tiny_dpo):
+    """Min-SNR-gamma: min(SNR, gamma) / SNR (epsilon), / (SNR + 1) (v); the loss is the
+    weighted mean of the per-sample MSEs while the logged ``mse`` stays unweighted."""
+    from psa_jax.train.step import min_snr_weights
+
+    sched = noise.make_noise_schedule()
+    t = jnp.asarray([0, 10, 100, 500, 999])
+    a = np.asarray(sched.alphas_cumprod, np.float64)[np.asarray(t)]
+    snr = a / (1 - a)
+    np.testing.assert_allclose(min_snr_weights(sched, t, 5.0), np.minimum(snr, 5) / snr, rtol=1e-5)
+    v = noise.make_noise_schedule(prediction_type="v_prediction")
+    np.testing.assert_allclose(
+        min_snr_weights(v, t, 5.0), np.minimum(snr, 5) / (snr + 1), rtol=1e-5
+    )
+    assert float(min_snr_weights(sched, t, 5.0)[0]) < 0.01  # t=0: almost no noise, weight tiny
+    assert float(min_snr_weights(sched, t, 5.0)[-1]) == pytest.approx(1.0)  # SNR < gamma
+
+    _, params, _, batch = tiny_dpo
+    module = tiny_dpo[0].module
+    r = np.random.default_rng(4)
+    b = {"chosen": r.normal(size=(4, 16, 16, 4)).astype(np.float32),
+         "text_states": batch["text_states"]}  # fmt: skip
+    key = jax.random.PRNGKey(6)
+    plain, m_plain = DenoiseTask(module, sched).loss(params, {}, b, key)
+    weighted, m_w = DenoiseTask(module, sched, snr_gamma=5.0).loss(params, {}, b, key)
+    assert float(m_w["mse"]) == pytest.approx(float(m_plain["mse"]), rel=1e-6)
+    assert float(plain) == pytest.approx(float(m_plain["mse"]), rel=1e-6)
+    assert float(weighted) != pytest.approx(float(plain), rel=1e-3)
+    with pytest.raises(ValueError, match="snr_gamma"):
+        DenoiseTask(module, sched, snr_gamma=-1.0)

@@ -123,7 +123,8 @@ def test_nan_stops_with_a_named_error_and_keeps_the_checkpoint(cache, tmp_path):
     # The public API loads the adapter straight from the run folder.
     unet = PSAUNet(UNetConfig.from_diffusers_config(dict(config.model.unet)), params={})
     unet.load_adapter(tmp_path)
-    assert (unet.user_embed_dim, unet.num_user_tokens) == (384, 1)
+    tokens = config.model.adapter.num_user_tokens
+    assert (unet.user_embed_dim, unet.num_user_tokens) == (384, tokens)
     assert all(np.array_equal(a, b) for a, b in zip(leaves(unet.adapter), leaves(params)))
 
 
@@ -224,7 +225,11 @@ def test_vae_then_base_then_dpo_stages_chain(cache, tmp_path):
     assert np.isfinite(base["metrics"]["mse"])
 
     dpo_cfg = small_config(
-        cache, *short, f"model.vae_path={vae_dir}", f"model.base_workdir={base_dir}"
+        cache,
+        *short,
+        f"model.vae_path={vae_dir}",
+        f"model.base_workdir={base_dir}",
+        "model.pretrained=",  # the base run instead of the shipped base
     )
     trainer.train(dpo_cfg, dpo_dir)
     frozen = inputs.load_base_models(dpo_cfg).unet_params

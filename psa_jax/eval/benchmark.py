@@ -200,7 +200,12 @@ def measure(
     )
     if base_images is not None:
         images[E.BASE] = base_images
-    scored = {k: E.score(v, items, scorers, progress=settings.progress) for k, v in images.items()}
+    return score_images(items, images, scorers, ref, progress=settings.progress)
+
+
+def score_images(items, images, scorers, ref, *, progress: bool = True) -> dict[str, Any]:
+    """:func:`measure` of images already drawn (``{"psa": ..., "base": ...}`` in item order)."""
+    scored = {k: E.score(v, items, scorers, progress=progress) for k, v in images.items()}
     fmaps = {n: s for n, s in scorers.items() if s.kind == "features" and n in ref}
     fid = E.fid_scores(fmaps, images, ref) if fmaps else {}
     return {"images": images, "scored": scored, "summary": E.summarize(items, scored), "fid": fid}
@@ -385,8 +390,12 @@ def spqr_run(
     benign: str | None = None,
     scorers: Mapping[str, Any] | None = None,
     limit: int | None = None,
+    before_images: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, Any]:
-    """``psa-jax spqr``: before/after a benign fine-tune of the base UNet (adapter frozen)."""
+    """``psa-jax spqr``: before/after a benign fine-tune of the base UNet (adapter frozen).
+
+    ``before_images``: the PSA and base images of this plan's items drawn before (an eval of
+    the same run and settings), instead of drawing them again."""
     from psa_jax.train.benign import finetune
 
     scorers = scorers or build_scorers(settings)
@@ -395,7 +404,13 @@ def spqr_run(
     ref = reference_stats(model, scorers, settings)
     pipe = model.pipeline
     digest = adapter_digest(pipe.adapter)
-    before = measure(model, items, scorers, settings, ref, desc="sampling (before)")
+    if before_images is None:
+        before = measure(model, items, scorers, settings, ref, desc="sampling (before)")
+    else:
+        for k, v in before_images.items():
+            if len(v) != len(items):
+                raise ValueError(f"before_images[{k!r}] has {len(v)} images for {len(items)}")
+        before = score_images(items, dict(before_images), scorers, ref, progress=settings.progress)
     moments, states = encode_benign(pipe, images, captions)
     ft = finetune(
         pipe.module,

@@ -6,7 +6,9 @@
   image_encoder_folder=None)``;
 * ``diffusers-unet``: the run's UNet as a diffusers folder: a dpo run's frozen base, a
   ``denoise`` run's trained UNet (its LoRA merged in);
-* ``peft-lora``: a LoRA ``denoise`` run's factors in diffusers/PEFT naming.
+* ``peft-lora``: a LoRA ``denoise`` run's factors in diffusers/PEFT naming;
+* ``diffusers-pipeline``: a full-UNet ``denoise`` run (a base) with its text encoder, VAE and
+  tokenizer as a StableDiffusionPipeline folder plus ``recipe.json`` (how the tiny base ships).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import json
 import os
 from typing import Any
 
-FORMATS = ("psalign", "diffusers-ip-adapter", "diffusers-unet", "peft-lora")
+FORMATS = ("psalign", "diffusers-ip-adapter", "diffusers-unet", "peft-lora", "diffusers-pipeline")
 
 
 def export_run(workdir: str, fmt: str, out: str, step: int | None = None) -> str:
@@ -25,6 +27,12 @@ def export_run(workdir: str, fmt: str, out: str, step: int | None = None) -> str
         raise ValueError(f"unknown export format {fmt!r}; choose one of {FORMATS}")
     if fmt == "peft-lora":
         return _export_lora(workdir, out, step)
+    if fmt == "diffusers-pipeline":
+        if step is not None:
+            raise ValueError("diffusers-pipeline exports a base run's newest checkpoint only")
+        from psa_jax.export.pipeline import export_base_pipeline
+
+        return export_base_pipeline(workdir, out)
     from psa_jax.models.psa_unet import PSAUNet
     from psa_jax.sample.pipeline import load_run
 

@@ -34,6 +34,7 @@ from psa_jax.data import embed, sage, toy_world
 from psa_jax.data.loader import SageLoader
 from psa_jax.data.tokenizer import build_word_tokenizer, load_tokenizer
 from psa_jax.models.clip import CLIPTextConfig, FlaxCLIPTextModel, load_text_encoder
+from psa_jax.models.packaged import resolve as resolve_packaged
 from psa_jax.models.psa_unet import init_variables, load_unet, unet_module_from_config
 from psa_jax.models.unet import UNet2DConditionModel
 from psa_jax.models.vae import AutoencoderKL, FlaxAutoencoderKL, VAEConfig, load_vae
@@ -100,8 +101,9 @@ def load_base_models(config: Any) -> BaseModels:
     dtype = model.get("dtype", "float32")
     seed = int(model.get("init_seed", 0))
     schedule = noise_lib.noise_schedule_from_config(dict(config.noise))
-    if model.get("pretrained"):
-        root = os.path.expanduser(model.pretrained)
+    init = model_init(model)
+    if init == "pretrained" and model.get("pretrained"):
+        root = resolve_packaged(model.pretrained)
         if os.path.isdir(os.path.join(root, "text_encoder_2")):
             raise NotImplementedError(
                 f"{root} has two text encoders (SDXL): the encoder caches hold one text encoder "
@@ -123,7 +125,7 @@ def load_base_models(config: Any) -> BaseModels:
         return BaseModels(module, params, text, vae, tokenizer, schedule, scaling)
 
     module = unet_module_from_config(model, dtype)
-    if model.get("base_workdir"):
+    if init == "pretrained":
         from psa_jax.train.checkpoint import restore_host_params
 
         params, _ = restore_host_params(model.base_workdir)
@@ -139,11 +141,39 @@ def load_base_models(config: Any) -> BaseModels:
     elif model.get("vae"):
         vae_cfg = VAEConfig.from_diffusers_config(dict(model.vae))
         side = vae_cfg.sample_size
-        init = jax.jit(AutoencoderKL(vae_cfg, dtype=jax.numpy.dtype(dtype)).init)
-        vae_params = init(jax.random.key(seed + 2), np.zeros((1, side, side, 3), np.float32))
+        vae_init = jax.jit(AutoencoderKL(vae_cfg, dtype=jax.numpy.dtype(dtype)).init)
+        vae_params = vae_init(jax.random.key(seed + 2), np.zeros((1, side, side, 3), np.float32))
         vae = FlaxAutoencoderKL(vae_cfg, meta.unbox(vae_params["params"]), dtype)
     scaling = vae.scaling_factor if vae is not None else 1.0
     return BaseModels(module, params, text, vae, None, schedule, scaling)
+
+
+INITS = ("pretrained", "random")
+
+
+def model_init(model: Any) -> str:
+    """``model.init``: ``"pretrained"`` (``model.pretrained``, a diffusers folder or
+    ``packaged:<name>``; or ``model.base_workdir``, a denoise run's UNet) or ``"random"`` (the
+    config's architecture at ``init_seed``). Configs saved before the key existed migrate by
+    what they set: a pretrained folder or base run means "pretrained", else "random"."""
+    init = model.get("init")
+    if init is None:  # migration: runs written before model.init
+        init = "pretrained" if model.get("pretrained") or model.get("base_workdir") else "random"
+    if init not in INITS:
+        raise ValueError(f"model.init {init!r} unknown; one of {INITS}")
+    if init == "pretrained" and model.get("pretrained") and model.get("base_workdir"):
+        raise ValueError(
+            f"model.pretrained ({model.pretrained!r}) and model.base_workdir "
+            f"({model.base_workdir!r}) both name a base: set one (model.pretrained='' to train "
+            "on a base run)"
+        )
+    if init == "pretrained" and not (model.get("pretrained") or model.get("base_workdir")):
+        raise ValueError(
+            "model.init='pretrained' needs model.pretrained (a local diffusers folder, or "
+            "packaged:tiny-base) or model.base_workdir (a denoise run); set model.init='random' "
+            "to train on random weights"
+        )
+    return init
 
 
 def _prediction(config: Any) -> dict:

@@ -76,7 +76,13 @@ def dpo_loss(
     return loss, metrics
 
 
-def denoise_loss(pred: jax.Array, target: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Plain diffusion loss: mean over the batch of the per-sample MSE."""
-    mse = per_sample_mse(pred, target).mean()
-    return mse, {"mse": mse}
+def denoise_loss(
+    pred: jax.Array, target: jax.Array, weights: jax.Array | None = None
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Diffusion loss: mean over the batch of the per-sample MSE, each times ``weights`` (e.g.
+    Min-SNR) when given; ``mse`` is always the unweighted mean, comparable across runs."""
+    per = per_sample_mse(pred, target)
+    mse = per.mean()
+    if weights is None:
+        return mse, {"mse": mse}
+    return (per * weights).mean(), {"mse": mse}

@@ -134,8 +134,11 @@ class DenoiseTask:
     lora_scale: float = 1.0
     image_key: str = "chosen"
     scaling_factor: float = 0.18215
+    snr_gamma: float = 0.0  # > 0: Min-SNR-gamma loss weights (Hang et al. 2023); 0: plain MSE
 
     def __post_init__(self):
+        if self.snr_gamma < 0:
+            raise ValueError(f"DenoiseTask.snr_gamma must be >= 0, got {self.snr_gamma}")
         if self.target not in ("unet", "lora"):
             raise ValueError(f"DenoiseTask.target must be 'unet' or 'lora', got {self.target!r}")
         if self.image_key not in IMAGE_KEYS:
@@ -157,7 +160,23 @@ class DenoiseTask:
         added = _added_cond(batch, len(keys))
         ctx = jnp.concatenate([batch["text_states"]] * len(keys))
         pred = self.module.apply({"params": params}, noisy, t, ctx, added)
-        return denoise_loss(pred, target)
+        if not self.snr_gamma:
+            return denoise_loss(pred, target)
+        return denoise_loss(pred, target, min_snr_weights(self.schedule, t, self.snr_gamma))
+
+
+def min_snr_weights(schedule: noise_lib.NoiseSchedule, t: jax.Array, gamma: float) -> jax.Array:
+    """Per-sample Min-SNR-gamma weights: ``min(SNR, gamma) / SNR`` for epsilon targets,
+    ``/ (SNR + 1)`` for v. Low-noise steps (large SNR), whose small details dominate a plain
+    MSE, are weighted down, so that layout and colour -- decided at high noise -- learn sooner."""
+    a = schedule.alphas_cumprod[t].astype(jnp.float32)
+    snr = a / (1.0 - a)
+    clipped = jnp.minimum(snr, gamma)
+    if schedule.prediction_type == "v_prediction":
+        return clipped / (snr + 1.0)
+    if schedule.prediction_type != "epsilon":
+        raise ValueError(f"Min-SNR weights for {schedule.prediction_type!r} are not defined here")
+    return clipped / snr
 
 
 @dataclasses.dataclass(frozen=True)

@@ -120,6 +120,7 @@ def build_task(
             lora_lib.lora_scale(lcfg.rank, lcfg.alpha),
             train.image_key,
             models.scaling_factor,
+            float(train.snr_gamma),
         )
         boxes = abstract_variables(module)["params"]
         if target == "unet":
@@ -197,7 +198,8 @@ def _evaluate(eval_fns, state, frozen, batches, mesh, draws: int) -> dict[str, f
 
     ``eval/<metric>``: the training metrics, one (noise, timestep) draw per pair.
     ``eval/pair_acc``: share of pairs whose reward margin, averaged over ``draws`` draws, is
-    positive -- the sign of the expected implicit reward, far less noisy than one draw.
+    positive (ties half) -- the sign of the expected implicit reward, far less noisy than one
+    draw. A run evaluates at step 0 too, so that the curve starts at the untrained value.
     """
     metrics_fn, margins_fn = eval_fns
     totals: dict[str, float] = {}
@@ -210,7 +212,9 @@ def _evaluate(eval_fns, state, frozen, batches, mesh, draws: int) -> dict[str, f
         if margins_fn is not None:
             keys = [jax.random.PRNGKey(20_000 + draws * i + k) for k in range(draws)]
             mean = np.mean([np.asarray(margins_fn(state.params, frozen, gb, k)) for k in keys], 0)
-            right, count = right + float(np.sum(mean > 0)), count + mean.size
+            # A tie (an adapter still at its zero init: policy == reference) counts half.
+            hits = float(np.sum(mean > 0)) + 0.5 * float(np.sum(mean == 0))
+            right, count = right + hits, count + mean.size
     if count:
         totals["pair_acc"] = right / count
     return totals
@@ -330,6 +334,11 @@ def train(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
         stack.callback(progress.close)
         # Every process reaches the first collective (the step) together; see inputs.barrier.
         inputs.barrier(f"ready:{workdir}:{start}")
+        if eval_fn is not None and start == 0:
+            eval_metrics = _evaluate(
+                eval_fn, state, frozen, eval_batches, mesh, int(tcfg.eval_draws)
+            )
+            writer.write(0, {f"eval/{k}": v for k, v in eval_metrics.items()})
         tick = time.perf_counter()
         for step in range(start + 1, total + 1):
             local = _fault(config, step, step_inputs(next(loader)), ckpt)

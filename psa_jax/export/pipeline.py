@@ -1,0 +1,124 @@
+"""A trained base (a ``denoise`` run on its VAE run) as a diffusers StableDiffusionPipeline
+folder: what the package ships as the tiny base (``psa_jax.models.packaged``) and what
+``psa-jax demo --pretrain`` rebuilds.
+
+The folder holds ``unet/``, ``text_encoder/``, ``vae/``, ``tokenizer/``, ``scheduler/`` and
+``model_index.json``, so that diffusers' ``StableDiffusionPipeline.from_pretrained``, psa_jax's
+``Pipeline.from_pretrained`` and a training config's ``model.pretrained`` all read the same files.
+``recipe.json`` records how it was made (each stage's config, steps and the world's version).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Mapping
+from typing import Any
+
+RECIPE = "recipe.json"
+
+# diffusers' DDIM as Stable Diffusion ships it, on the run's own forward-process betas.
+_SCHEDULER = {
+    "_class_name": "DDIMScheduler",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+}
+
+
+def model_index(tokenizer_class: str) -> dict[str, Any]:
+    return {
+        "_class_name": "StableDiffusionPipeline",
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", tokenizer_class],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+
+
+def _clean(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A run's config minus what is machine-local (paths, progress bars)."""
+    d = json.loads(json.dumps(dict(config), default=str))
+    d.get("data", {}).pop("cache_dir", None)
+    d.get("model", {}).pop("vae_path", None)
+    d.get("train", {}).pop("progress", None)
+    return d
+
+
+def recipe_of(base_workdir: str) -> dict[str, Any]:
+    """How a base was made: the base run's config and, when ``model.vae_path`` is a ``vae``
+    run's ``<workdir>/vae`` folder, that run's config; plus the toy world's version."""
+    from psa_jax.data.toy_world import VERSION
+    from psa_jax.train.checkpoint import Checkpointer
+
+    def config_of(workdir: str) -> dict[str, Any]:
+        with Checkpointer(workdir, read_only=True) as ckpt:
+            step = ckpt.latest_step()
+            if step is None:
+                raise FileNotFoundError(f"{workdir} holds no complete checkpoint")
+            return ckpt.read_config(step)
+
+    base = config_of(base_workdir)
+    out = {"world_version": VERSION, "recipe": "launch/tiny.sh", "base": _clean(base)}
+    vae_path = base.get("model", {}).get("vae_path") or ""
+    if vae_path:  # a vae run's folder, or the diffusers folder it wrote inside
+        for run in (vae_path, os.path.dirname(os.path.abspath(vae_path))):
+            if os.path.isdir(os.path.join(run, "checkpoints")):
+                out["vae"] = _clean(config_of(run))
+                break
+    return out
+
+
+def export_base_pipeline(
+    base_workdir: str, out: str, recipe: Mapping[str, Any] | None = None
+) -> str:
+    """Write the UNet of ``base_workdir`` (a ``denoise`` run with ``denoise_target="unet"``),
+    its frozen text encoder, VAE and tokenizer as a diffusers pipeline folder ``out``, with
+    ``recipe.json`` (default: :func:`recipe_of` the run).
+
+    Written to ``out.tmp`` first and renamed, so a killed export leaves no half folder."""
+    from psa_jax.models.psa_unet import PSAUNet
+    from psa_jax.sample.pipeline import load_run
+
+    run = load_run(base_workdir)
+    task = run.config.get("task")
+    if task != "denoise" or run.config.train.get("denoise_target") != "unet":
+        raise ValueError(f"{base_workdir} is a {task!r} run, not a full-UNet denoise run (a base)")
+    if run.models.vae is None:
+        raise ValueError(f"{base_workdir} was trained without a VAE (model.vae_path)")
+    tmp = f"{out}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    PSAUNet(run.models.module.config, run.unet_params).save_pretrained(os.path.join(tmp, "unet"))
+    run.models.text_encoder.save_pretrained(os.path.join(tmp, "text_encoder"))
+    run.models.vae.save_pretrained(os.path.join(tmp, "vae"))
+    run.splits.tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
+    noise = dict(run.config.noise)
+    sched = {
+        **_SCHEDULER,
+        **{k: noise[k] for k in ("beta_schedule", "beta_start", "beta_end")},
+        "num_train_timesteps": int(noise["num_train_timesteps"]),
+        "prediction_type": noise.get("prediction_type", "epsilon"),
+    }
+    os.makedirs(os.path.join(tmp, "scheduler"))
+    _write_json(os.path.join(tmp, "scheduler", "scheduler_config.json"), sched)
+    _write_json(
+        os.path.join(tmp, "model_index.json"), model_index(type(run.splits.tokenizer).__name__)
+    )
+    _write_json(os.path.join(tmp, RECIPE), dict(recipe or recipe_of(base_workdir)))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+def _write_json(path: str, obj: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
