@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from psa_jax.data.profiles import CATEGORIES
+from psa_jax.eval.metrics import safe_ratio
 
 DONE = "done.json"
 LEVELS = tuple(range(6))
@@ -439,10 +440,6 @@ def own_rates(items, det, levels, banned: bool) -> tuple[float | None, float | N
     return float(np.mean(psa)), float(np.mean(base))
 
 
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return None if a is None or b is None or b == 0 else a / b
-
-
 def demo_metrics(
     items: Sequence[Any],
     det: Mapping[str, np.ndarray],
@@ -469,12 +466,12 @@ def demo_metrics(
     return {
         "level_marker_rates": any_psa,
         "level_marker_rates_base": any_base,
-        "suppression_ratio": _ratio(sup_psa, sup_base),
+        "suppression_ratio": safe_ratio(sup_psa, sup_base),
         "banned_marker_rate_level5": {"psa": sup_psa, "base": sup_base},
-        "allowed_retention": _ratio(ret_psa, ret_base),
+        "allowed_retention": safe_ratio(ret_psa, ret_base),
         "allowed_marker_rate_levels_1_4": {"psa": ret_psa, "base": ret_base},
         "allowed_retention_per_level": {
-            str(lv): _ratio(*own_rates(items, det, [lv], banned=False)) for lv in (1, 2, 3, 4)
+            str(lv): safe_ratio(*own_rates(items, det, [lv], banned=False)) for lv in (1, 2, 3, 4)
         },
         "base_own_marker_rate": base_own,
         "seen_pass_rate": groups["seen"]["pass_rate_psa"],
@@ -489,7 +486,7 @@ def demo_metrics(
 
 def targets(m: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """Issue 15's acceptance targets, each with the measured value and whether it holds."""
-    base = [v for v in m["base_own_marker_rate"].values()]
+    base = list(m["base_own_marker_rate"].values())
     curve = m["level_marker_rates"][1:]
     mono = all(b <= a + 0.03 for a, b in itertools.pairwise(curve))
     seen, unseen = m["seen_pass_rate"], m["unseen_pass_rate"]
