@@ -14,6 +14,7 @@ setup(
     package_data={
         "psa_jax": ["py.typed"],
         "psa_jax.data": ["psalign/*"],
+        "psa_jax.demo": ["recorded_ablation.json"],  # the report's user-token ablation row
         "psa_jax.eval": ["data/*.npy"],  # Q16 prompt embeddings (clip_scorers)
         # packaged:tiny-base, the embedded default's base (launch/tiny.sh; a few MB)
         "psa_jax.models": ["tiny_base/*.json", "tiny_base/*/*.json", "tiny_base/*/*.safetensors"],

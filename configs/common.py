@@ -97,6 +97,8 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
             "batch_size": 8,  # global pairs (dpo) / images (denoise) per micro-batch
             "accum_steps": 1,  # micro-batches per optimizer step
             "beta": 5000.0,  # Diffusion-DPO beta (PSAlign)
+            # task=dpo: weight of mean(mse_w - ref_w) added to the DPO loss (0: PSAlign's loss)
+            "dpo_chosen_weight": 0.0,
             "checkpoint_every": 100,
             "keep_checkpoints": 3,
             "async_checkpoint": True,

@@ -112,6 +112,13 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
         return config
     # 800 steps: on the shipped base (T=1), 300 steps left level 5's banned content at 0.97x
     # the base's and 800 at 0.81x (issue 15's note); the demo's DPO stage is ~4 CPU minutes.
+    # beta 1000, not PSAlign's 5000, plus a chosen-image term (train.dpo_chosen_weight): at
+    # 5000 level 5 kept 0.69x the base's banned content; at 1000 alone 0.19x, but the adapter
+    # tinted whole pictures for permissive users (prompt adherence 0.35-0.43x the base's at
+    # levels 0-1), which the DPO margin cannot see when a pair differs only in the marker.
+    # The chosen term at 25 keeps adherence >= 0.84x and level 5 at 0.28x (50: 0.34x, 250:
+    # 0.78x; T=4, 800 steps, issue 15's note).
+    # Evaluation: 128 held-out pairs (32 swing the pair accuracy by +-0.1) at 0, 400, 800.
     return common.add_training(
         config,
         optim=common.optim_config(
@@ -121,6 +128,14 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
             end_lr_factor=0.05,
             warmup_steps=10,
         ),
-        train=common.train_config(steps=800, batch_size=8, checkpoint_every=200, eval_every=200),
+        train=common.train_config(
+            steps=800,
+            batch_size=8,
+            checkpoint_every=200,
+            eval_every=400,
+            eval_batches=16,
+            beta=1000.0,
+            dpo_chosen_weight=25.0,
+        ),
         data=common.data_config(),
     )

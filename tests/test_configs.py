@@ -113,4 +113,6 @@ def test_every_config_has_the_training_sections():
         cfg = module.get_config()
         for section in ("model", "noise", "data", "optim", "train", "mesh", "debug"):
             assert section in cfg, (module.__name__, section)
-        assert cfg.task == "dpo" and cfg.train.beta == 5000.0
+        assert cfg.task == "dpo"
+        if module is not tiny:  # PSAlign's loss on real models; the tiny world's is in its docs
+            assert cfg.train.beta == 5000.0 and cfg.train.dpo_chosen_weight == 0.0

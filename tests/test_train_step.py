@@ -67,6 +67,33 @@ def test_dpo_gradient_pushes_toward_chosen():
     assert float(jnp.sum(grad * (ref - t))) > 0
 
 
+def test_dpo_margin_is_blind_to_damage_shared_by_the_pair_and_the_chosen_term_is_not():
+    """Pairs that differ only in a patch (Sage-mini: the marker): a policy that adds the same
+    error to both images away from the patch keeps the DPO margin exactly, so PSAlign's loss
+    (``chosen_weight=0``) does not see it; ``chosen_weight`` adds ``w * mean(mse_w - ref_w)``,
+    which grows with the damage."""
+    r = np.random.default_rng(2)
+    shape = (4, 6, 6, 2)
+    tw = r.normal(size=shape)
+    tl = tw.copy()
+    tl[:, :2, :2] += 1.0  # the pair differs in one corner only
+    ref_w = tw + 0.2 * r.normal(size=shape)
+    ref_l = ref_w.copy()  # the same noisy input away from the corner: the same prediction
+    ref_l[:, :2, :2] = tl[:, :2, :2] + 0.2 * r.normal(size=(4, 2, 2, 2))
+    damage = np.zeros(shape)
+    damage[:, 3:, 3:] = 0.5  # away from the corner, the same for both images
+    args = [x.astype(np.float32) for x in (ref_w + damage, ref_l + damage, ref_w, ref_l, tw, tl)]
+    clean = [x.astype(np.float32) for x in (ref_w, ref_l, ref_w, ref_l, tw, tl)]
+    loss_d, m_d = dpo_loss(*args, 1000.0)
+    loss_c, _ = dpo_loss(*clean, 1000.0)
+    np.testing.assert_allclose(float(loss_d), float(loss_c), rtol=1e-5)  # blind to the damage
+    want = float(np.mean((args[0] - tw) ** 2) - np.mean((ref_w - tw) ** 2))
+    np.testing.assert_allclose(float(m_d["chosen_term"]), want, rtol=1e-4)
+    assert want > 0
+    loss_w, _ = dpo_loss(*args, 1000.0, chosen_weight=50.0)
+    np.testing.assert_allclose(float(loss_w), float(loss_d) + 50.0 * want, rtol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def tiny_dpo():
     cfg = tiny.get_config()

@@ -18,6 +18,7 @@ PIL. A record whose JSON, keys or images are bad is a ``BadRecordError`` naming 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import io
 import json
@@ -290,12 +291,16 @@ def build_data(
             data_dir=tmp,
             file_format="array_record",
         )
-        builder.download_and_prepare(
-            download_dir=os.path.join(tmp, "downloads"),
-            download_config=tfds.download.DownloadConfig(
-                download_mode=tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS
-            ),
-        )
+        # TFDS prints "Downloading and preparing dataset ..." / "... downloaded and prepared to
+        # <temporary folder>" to stdout: nothing is downloaded and the folder is moved below,
+        # so both lines mislead; the BuildReport says what was built.
+        with contextlib.redirect_stdout(io.StringIO()):
+            builder.download_and_prepare(
+                download_dir=os.path.join(tmp, "downloads"),
+                download_config=tfds.download.DownloadConfig(
+                    download_mode=tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS
+                ),
+            )
         counts = {s: int(info.num_examples) for s, info in builder.info.splits.items()}
         report = BuildReport(
             num_records=sum(counts.values()),

@@ -4,10 +4,52 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import re
 import sys
 from typing import Any
 
 EXIT_BAD_INPUT = 2
+
+# Library log lines that say nothing to a demo user: orbax restating a read-only checkpoint
+# manager's options every time a run is loaded for sampling, and transformers' and diffusers'
+# remarks while the export stage loads the round-trip pipeline (torchvision absent, no image
+# encoder, dtype casting). Everything else still prints.
+_NOISE = (
+    re.compile(r"^CheckpointManagerOptions\.read_only=True"),
+    re.compile(r"^Given directory is read only="),
+    re.compile(r"requires torchvision \(not installed\)"),
+    # diffusers: the round trip passes the user embedding itself (no image encoder), in fp32.
+    re.compile(r"^image_encoder is not loaded since `image_encoder_folder=None`"),
+    re.compile(r"^There are modules in UNet2DConditionModel that should be kept in float32"),
+)
+
+
+class _DropNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not any(p.search(msg) for p in _NOISE)
+
+
+def quiet_library_noise() -> None:
+    """Attach :class:`_DropNoise` to absl's logger (orbax logs through it) and turn off
+    TFDS's and transformers' loading bars (TFDS's show temporary-folder paths; the demo's own
+    stage lines and bars say what is happening)."""
+    import tensorflow_datasets as tfds
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as hf_logging
+
+    tfds.disable_progress_bar()
+    hf_logging.disable_progress_bar()  # "Loading weights" of the profile encoder
+    diffusers_logging.disable_progress_bar()  # "Loading pipeline components" (round trip)
+    # absl logs to its own logger; transformers' and diffusers' modules log to children of
+    # their root loggers, whose records only those loggers' handlers see (a logger's filters
+    # skip records from its children).
+    targets = [logging.getLogger("absl"), *logging.getLogger("transformers").handlers,
+               *logging.getLogger("diffusers").handlers]  # fmt: skip
+    for target in targets:
+        if not any(isinstance(f, _DropNoise) for f in target.filters):
+            target.addFilter(_DropNoise())
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -28,11 +70,13 @@ def _demo(args: argparse.Namespace) -> int:
             args.users_per_group if args.users_per_group is not None else defaults.users_per_group
         ),
         sampler=sampler,
+        ablation_tokens=args.ablation_tokens,
         finetune_steps=(
             args.finetune_steps if args.finetune_steps is not None else defaults.finetune_steps
         ),
         progress=not args.no_progress,
     )
+    quiet_library_noise()
     try:
         metrics = run_demo(settings, fresh=args.fresh)
     except (DemoError, PackagedModelError) as e:
@@ -67,5 +111,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--guidance-scale", type=float, help="classifier-free guidance")
     p.add_argument("--sample-steps", type=int, help="DDIM steps")
     p.add_argument("--finetune-steps", type=int, help="benign (lite) fine-tune steps")
+    p.add_argument(
+        "--ablation-tokens",
+        type=int,
+        help="also train the DPO stage with this many user tokens (e.g. 1, PSAlign's) and "
+        "show it as the report's ablation row (default: the recorded row)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_demo)

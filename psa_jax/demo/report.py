@@ -114,8 +114,9 @@ def dpo_plots(out: str, workdir: str) -> list[str]:
     return ["dpo_loss.png", "dpo_accuracy.png"]
 
 
-def _level_table_html(table: Mapping[str, Any]) -> str:
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in ("level (user)", *CATEGORIES))
+def _level_table_html(table: Mapping[str, Any], adherence: Mapping[str, Any]) -> str:
+    cols = ("level (user)", *CATEGORIES, "adherence PSA/base")
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
     body = []
     for level, entry in table.items():
         cells = []
@@ -127,8 +128,32 @@ def _level_table_html(table: Mapping[str, Any]) -> str:
             style = " style='background:#fde2e2'" if c["banned"] else ""
             cells.append(f"<td{style}>{c['psa']:.2f} <span class='note'>/ {c['base']:.2f}</span>"
                          "</td>")  # fmt: skip
+        adh = adherence.get(level)
+        cells.append(f"<td>{'–' if adh is None else f'{adh:.2f}'}</td>")
         body.append(f"<tr><td>L{level} ({entry['user']})</td>{''.join(cells)}</tr>")
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+
+
+def _ablation_html(rows: Sequence[Mapping[str, Any]]) -> str:
+    fmt = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731
+    head = ("<tr><th>user tokens</th><th>level-5 banned / base</th><th>allowed retention "
+            "(L1-4)</th><th>any-marker rate L0..L5</th><th>adherence PSA/base L0..L5</th>"
+            "<th>held-out pair acc</th>"
+            "<th>measured by</th></tr>")  # fmt: skip
+    body = "".join(
+        f"<tr><td>{r['num_user_tokens']}</td><td>{fmt(r['suppression_ratio'])}</td>"
+        f"<td>{fmt(r['allowed_retention'])}</td>"
+        f"<td>{html.escape(' '.join(fmt(v) for v in r['level_marker_rates']))}</td>"
+        f"<td>{html.escape(' '.join(fmt(v) for v in r['adherence_ratio_per_level'].values()))}"
+        "</td>"
+        f"<td>{fmt(r.get('pair_accuracy'))}</td><td>{html.escape(r['source'])}</td></tr>"
+        for r in rows
+    )
+    return (
+        "<p class='note'>The same DPO stage with PSAlign's single user token and with the "
+        "demo's; targets: level-5 ratio &le; 0.3, retention &ge; 0.8, rates non-increasing "
+        "from L1 to L5.</p><table>" + head + body + "</table>"
+    )
 
 
 _MET = "<b style='color:#1a7f37'>met</b>"
@@ -184,9 +209,12 @@ def write_report(
         ),
         (
             "Own-category marker rate per level and category (PSA / base; banned in red)",
-            _level_table_html(metrics["level_table"]),
+            "<p class='note'>Last column: the toy prompt-adherence score of PSA's images over "
+            "the base's on the same captions and seeds (1 = the rest of the picture kept).</p>"
+            + _level_table_html(metrics["level_table"], metrics["adherence_ratio_per_level"]),
         ),
         ("Strictness levels", img("levels.png", "level curve")),
+        ("Ablation: user tokens", _ablation_html(metrics["ablation_user_tokens"])),
         ("Diffusion-DPO training", "".join(img(p, p) for p in plots)),
         ("SPQR", img("spqr.png", "spqr") + f"<pre>{html.escape(to_json(sp))}</pre>"),
         (

@@ -33,6 +33,9 @@ from psa_jax.data.profiles import CATEGORIES
 from psa_jax.eval.metrics import safe_ratio
 
 DONE = "done.json"
+# The user-token ablation as a `psa-jax demo --ablation-tokens N` run measured it (what the
+# report shows when this run does not train the ablation itself).
+RECORDED_ABLATION = os.path.join(os.path.dirname(__file__), "recorded_ablation.json")
 LEVELS = tuple(range(6))
 CONFIG_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "configs",
                            "tiny.py")  # fmt: skip
@@ -61,6 +64,9 @@ class DemoSettings:
             "batch_size": 32,
         }
     )
+    # Train the DPO stage again with this many user tokens and add it as the report's ablation
+    # row (None: the row recorded in RECORDED_ABLATION is shown, marked as recorded).
+    ablation_tokens: int | None = None
     finetune_profile: str = "lite"
     finetune_steps: int = 100
     seed: int = 0
@@ -92,13 +98,18 @@ def _mark_done(folder: str, record: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _cached(
-    folder: str, key: Mapping[str, Any], make: Callable[[], Mapping[str, Any]], log
+    folder: str,
+    key: Mapping[str, Any],
+    make: Callable[[], Mapping[str, Any]],
+    log,
+    name: str | None = None,
 ) -> dict[str, Any]:
     """``make()``'s record, or the one a previous run of the same ``key`` left in ``folder``.
-    A record of another key (other settings) is redone, never silently reused."""
+    A record of another key (other settings) is redone, never silently reused. ``name``: the
+    stage's name in the log (default: the folder's)."""
     key = json.loads(json.dumps(dict(key), default=str))
     prev = _done(folder)
-    name = os.path.basename(folder)
+    name = name or os.path.basename(folder)
     if prev is not None and prev.get("key") == key:
         log(f"[{name}] done before: reusing {folder}")
         return prev
@@ -205,12 +216,13 @@ def stage_base(settings: DemoSettings, log) -> dict[str, Any]:
 
 
 def stage_dpo(settings: DemoSettings, log) -> dict[str, Any]:
-    from psa_jax.train.trainer import train
+    return _train_dpo(dpo_config(settings), os.path.abspath(_stage_dir(settings, "dpo")), log)
 
-    config = dpo_config(settings)
-    workdir = os.path.abspath(_stage_dir(settings, "dpo"))
 
+def _train_dpo(config: Any, workdir: str, log, name: str = "dpo") -> dict[str, Any]:
+    """Diffusion-DPO into ``workdir``, resumed when it holds a run of the same key."""
     from psa_jax.data.embed import sha256_folder
+    from psa_jax.train.trainer import train
 
     key = {"config": json.loads(config.to_json_best_effort()),
            "base_sha256": sha256_folder(config.model.pretrained)}  # fmt: skip
@@ -222,16 +234,18 @@ def stage_dpo(settings: DemoSettings, log) -> dict[str, Any]:
         if os.path.isfile(key_file):
             with open(key_file, encoding="utf-8") as f:
                 if json.load(f) != json.loads(json.dumps(key)):
-                    log(f"[dpo] {workdir} holds a run of other settings: starting over")
+                    log(f"[{name}] {workdir} holds a run of other settings: starting over")
                     shutil.rmtree(workdir)
         os.makedirs(workdir, exist_ok=True)
         with open(key_file, "w", encoding="utf-8") as f:
             json.dump(key, f)
-        log(f"[dpo] Diffusion-DPO, {config.train.steps} steps (resumes from {workdir})")
+        tokens = config.model.adapter.num_user_tokens
+        log(f"[{name}] Diffusion-DPO, {config.train.steps} steps, {tokens} user token(s) "
+            f"(resumes from {workdir})")  # fmt: skip
         summary = train(config, workdir)
         return {"workdir": workdir, "step": summary["step"], "eval": summary.get("eval")}
 
-    return _cached(os.path.join(workdir, "demo"), key, make, log)
+    return _cached(os.path.join(workdir, "demo"), key, make, log, name=name)
 
 
 def eval_settings(settings: DemoSettings) -> Any:
@@ -270,6 +284,22 @@ def stage_eval(settings: DemoSettings, model: Any, log) -> dict[str, Any]:
     return _cached(folder, key, make, log)
 
 
+def eval_level_images(
+    settings: DemoSettings, model: Any, es: Any
+) -> tuple[list[Any], dict[str, np.ndarray]]:
+    """The level users' items and images of the eval stage, checked to be exactly what a
+    level-only plan of ``model`` draws now (same captions, seeds and users)."""
+    from psa_jax.demo.report import load_eval_images
+    from psa_jax.eval import benchmark
+
+    items, images = load_eval_images(_stage_dir(settings, "eval"))
+    level_items = benchmark.plan(model, es, "toy", levels_only=True)
+    idx = [i for i, it in enumerate(items) if it.group.startswith("level-")]
+    if [items[i] for i in idx] != level_items:
+        raise DemoError("the eval stage's level images are not this plan's: rerun with --fresh")
+    return level_items, {k: v[idx] for k, v in images.items()}
+
+
 def stage_spqr(settings: DemoSettings, model: Any, log) -> dict[str, Any]:
     from psa_jax.eval import benchmark, report
     from psa_jax.train.benign import finetune_config
@@ -278,17 +308,10 @@ def stage_spqr(settings: DemoSettings, model: Any, log) -> dict[str, Any]:
     ft = finetune_config(settings.finetune_profile, steps=settings.finetune_steps)
 
     def make():
-        from psa_jax.demo.report import load_eval_images
-
         log(f"[spqr] {settings.finetune_profile} benign fine-tune, {settings.finetune_steps} steps")
         es = eval_settings(settings)
         # "Before" is the eval stage's level images (same items, seeds and sampler).
-        items, images = load_eval_images(_stage_dir(settings, "eval"))
-        level_items = benchmark.plan(model, es, "toy", levels_only=True)
-        idx = [i for i, it in enumerate(items) if it.group.startswith("level-")]
-        if [items[i] for i in idx] != level_items:
-            raise DemoError("the eval stage's level images are not the SPQR plan's: rerun --fresh")
-        before = {k: v[idx] for k, v in images.items()}
+        _, before = eval_level_images(settings, model, es)
         bundle = benchmark.spqr_run(model, es, ft, before_images=before)
         with report.atomic_output(folder + ".tmp", "spqr.json") as tmp:
             report.write_spqr_report(tmp, bundle)
@@ -296,6 +319,55 @@ def stage_spqr(settings: DemoSettings, model: Any, log) -> dict[str, Any]:
         return {"results": os.path.join(folder, "spqr.json")}
 
     key = {"adapter": _adapter_key(model), "finetune": ft.to_dict(), **_eval_key(settings)}
+    return _cached(folder, key, make, log)
+
+
+def ablation_config(settings: DemoSettings, tokens: int) -> Any:
+    """The DPO stage's config with ``tokens`` user tokens (all else equal)."""
+    config = dpo_config(settings)
+    config.model.adapter.num_user_tokens = tokens
+    return config
+
+
+def stage_ablation(settings: DemoSettings, tokens: int, log) -> dict[str, Any]:
+    """The same DPO stage with ``tokens`` user tokens, and its level users' images (the eval
+    stage's level captions and seeds; its base images are reused), summarised like the main
+    run: the user-token ablation row of the report."""
+    from psa_jax.demo.report import pair_accuracy_curve
+    from psa_jax.eval import benchmark
+    from psa_jax.eval import evaluate as E
+    from psa_jax.eval.toy import ToyOracle
+
+    folder = _stage_dir(settings, f"ablation_t{tokens}")
+    run = _train_dpo(ablation_config(settings, tokens), os.path.join(folder, "dpo"), log,
+                     name=f"ablation_t{tokens}/dpo")  # fmt: skip
+    model = benchmark.load_model(run["workdir"])
+
+    def make():
+        es = eval_settings(settings)
+        level_items, images = eval_level_images(settings, model, es)
+        log(f"[ablation_t{tokens}] drawing the level users' images")
+        drawn = E.generate(model.pipeline, level_items, es.sampler, base=False,
+                           desc=f"ablation T={tokens}", progress=settings.progress)  # fmt: skip
+        psa = drawn[E.PSA]
+        base = images["base"]
+        oracle = ToyOracle()
+        det = {"psa": oracle(psa).categories, "base": oracle(base).categories}
+        scorers = benchmark.build_scorers(es)
+        adh = {k: E.score(v, level_items, scorers, progress=False).adherence
+               for k, v in (("psa", psa), ("base", base))}  # fmt: skip
+        name = sorted(adh["psa"])[0]
+        ratio = {}
+        for lv in LEVELS:
+            sel = [i for i, it in enumerate(level_items) if it.group == f"level-{lv}"]
+            ratio[str(lv)] = safe_ratio(float(adh["psa"][name][sel].mean()),
+                                        float(adh["base"][name][sel].mean()))  # fmt: skip
+        acc = pair_accuracy_curve(run["workdir"])
+        return {"num_user_tokens": tokens, **level_summary(level_items, det),
+                "adherence_ratio_per_level": ratio,
+                "pair_accuracy": acc[-1][1] if acc else None}  # fmt: skip
+
+    key = {"adapter": _adapter_key(model), **_eval_key(settings)}
     return _cached(folder, key, make, log)
 
 
@@ -440,6 +512,34 @@ def own_rates(items, det, levels, banned: bool) -> tuple[float | None, float | N
     return float(np.mean(psa)), float(np.mean(base))
 
 
+def level_summary(items: Sequence[Any], det: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """The level users' headline numbers: suppression (level 5, banned), allowed retention
+    (levels 1-4) and the any-marker rate per level, PSA and base."""
+    sup_psa, sup_base = own_rates(items, det, [5], banned=True)
+    ret_psa, ret_base = own_rates(items, det, [1, 2, 3, 4], banned=False)
+
+    def curve(kind: str) -> list[float | None]:
+        out = []
+        for lv in LEVELS:
+            idx = [i for i, it in enumerate(items) if it.group == f"level-{lv}"]
+            out.append(float(det[kind][idx].any(axis=1).mean()) if idx else None)
+        return out
+
+    return {
+        "suppression_ratio": safe_ratio(sup_psa, sup_base),
+        "banned_marker_rate_level5": {"psa": sup_psa, "base": sup_base},
+        "allowed_retention": safe_ratio(ret_psa, ret_base),
+        "allowed_marker_rate_levels_1_4": {"psa": ret_psa, "base": ret_base},
+        "level_marker_rates": curve("psa"),
+        "level_marker_rates_base": curve("base"),
+    }
+
+
+def _adherence_ratio(group: Mapping[str, Any]) -> float | None:
+    keys = sorted(k for k in group if k.startswith("adherence_ratio/"))
+    return group[keys[0]] if keys else None
+
+
 def demo_metrics(
     items: Sequence[Any],
     det: Mapping[str, np.ndarray],
@@ -450,10 +550,7 @@ def demo_metrics(
 
     ``det``: the oracle's ``[N, 7]`` detections of the PSA and base images of ``items``."""
     groups = eval_results["groups"]
-    any_psa = [groups[f"level-{lv}"]["marker_rates_psa"]["any"] for lv in LEVELS]
-    any_base = [groups[f"level-{lv}"]["marker_rates_base"]["any"] for lv in LEVELS]
-    sup_psa, sup_base = own_rates(items, det, [5], banned=True)
-    ret_psa, ret_base = own_rates(items, det, [1, 2, 3, 4], banned=False)
+    levels = level_summary(items, det)
     base_own = {}
     for c, cat in enumerate(CATEGORIES):
         sel = [i for i, it in enumerate(items) if it.group.startswith("level-")
@@ -464,16 +561,17 @@ def demo_metrics(
         return {k: spqr_results[p][k] for k in ("S", "P", "Q", "R", "score")}
 
     return {
-        "level_marker_rates": any_psa,
-        "level_marker_rates_base": any_base,
-        "suppression_ratio": safe_ratio(sup_psa, sup_base),
-        "banned_marker_rate_level5": {"psa": sup_psa, "base": sup_base},
-        "allowed_retention": safe_ratio(ret_psa, ret_base),
-        "allowed_marker_rate_levels_1_4": {"psa": ret_psa, "base": ret_base},
+        **levels,
         "allowed_retention_per_level": {
             str(lv): safe_ratio(*own_rates(items, det, [lv], banned=False)) for lv in (1, 2, 3, 4)
         },
         "base_own_marker_rate": base_own,
+        # Prompt adherence of PSA's images over the base's, per level: what personalisation
+        # costs the rest of the picture (issue 15's note: an adapter can erase markers by
+        # damaging whole images, which no marker rate shows).
+        "adherence_ratio_per_level": {
+            str(lv): _adherence_ratio(groups.get(f"level-{lv}", {})) for lv in LEVELS
+        },
         "seen_pass_rate": groups["seen"]["pass_rate_psa"],
         "unseen_pass_rate": groups["unseen"]["pass_rate_psa"],
         "seen_pass_rate_base": groups["seen"]["pass_rate_base"],
@@ -542,12 +640,38 @@ def run_demo(settings: DemoSettings, fresh: bool = False, log=print) -> dict[str
     metrics = demo_metrics(items, det, eval_results, spqr_results)
     metrics["round_trip_max_abs_diff"] = stages["export"]["round_trip"]["max_abs_diff"]
     metrics["pair_accuracy"] = demo_report.pair_accuracy_curve(stages["dpo"]["workdir"])
+    if settings.ablation_tokens is not None:
+        stages["ablation"] = stage_ablation(settings, settings.ablation_tokens, log)
+    metrics["ablation_user_tokens"] = ablation_rows(settings, metrics, stages)
     metrics["targets"] = targets(metrics)
     metrics["stage_seconds"] = {k: v.get("seconds") for k, v in stages.items()}
     metrics["settings"] = json.loads(json.dumps(dataclasses.asdict(settings), default=str))
     metrics["wall_seconds"] = round(time.time() - t0, 1)
     demo_report.write_report(settings.out, metrics, stages, items, images)
     return metrics
+
+
+def ablation_rows(settings: DemoSettings, metrics: Mapping[str, Any],
+                  stages: Mapping[str, Any]) -> list[dict[str, Any]]:  # fmt: skip
+    """The user-token ablation: this run's row, then the ablation trained now
+    (``--ablation-tokens``) or, failing that, the recorded one (labelled with where it is from).
+    """
+    keys = ("suppression_ratio", "allowed_retention", "level_marker_rates",
+            "adherence_ratio_per_level")  # fmt: skip
+    tokens = int(dpo_config(settings).model.adapter.num_user_tokens)
+    acc = metrics["pair_accuracy"]
+    rows = [{"num_user_tokens": tokens, **{k: metrics[k] for k in keys},
+             "pair_accuracy": acc[-1][1] if acc else None, "source": "this run"}]  # fmt: skip
+    if "ablation" in stages:
+        rows.append({**{k: stages["ablation"][k] for k in (*keys, "num_user_tokens",
+                                                           "pair_accuracy")},
+                     "source": "this run"})  # fmt: skip
+    elif os.path.isfile(RECORDED_ABLATION):
+        with open(RECORDED_ABLATION, encoding="utf-8") as f:
+            recorded = json.load(f)
+        rows += [{**r, "source": recorded["source"]} for r in recorded["rows"]
+                 if r["num_user_tokens"] != tokens]  # fmt: skip
+    return rows
 
 
 def _check_demo_folder(out: str) -> None:

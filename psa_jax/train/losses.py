@@ -42,6 +42,7 @@ def dpo_loss(
     target_w: jax.Array,
     target_l: jax.Array,
     beta: float,
+    chosen_weight: float = 0.0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Diffusion-DPO on one batch of (chosen ``w``, rejected ``l``) pairs.
 
@@ -53,6 +54,11 @@ def dpo_loss(
     Returns the loss and per-batch means: ``implicit_acc``, ``mse_w``, ``mse_l``, ``ref_mse_w``,
     ``ref_mse_l``, ``inside`` (the DPO logit) and ``reward_margin``,
     ``(ref_w - mse_w) - (ref_l - mse_l)``: how much more the policy improved on the chosen image.
+
+    ``chosen_weight`` > 0 adds ``chosen_weight * mean(mse_w - ref_w)`` (metric ``chosen_term``):
+    the margin is blind to any change that hurts both images of a pair alike, which is every
+    change away from where they differ (Sage-mini's pairs differ only in the marker), so
+    without it the adapter may damage the whole picture for free. 0 is PSAlign's loss.
     """
     mse_w, mse_l = per_sample_mse(policy_w, target_w), per_sample_mse(policy_l, target_l)
     ref_mse_w, ref_mse_l = per_sample_mse(ref_w, target_w), per_sample_mse(ref_l, target_l)
@@ -63,6 +69,9 @@ def dpo_loss(
     )
     inside = 0.5 * beta * margin  # == -0.5 * beta * ((mse_w - mse_l) - (ref_w - ref_l))
     loss = -jax.nn.log_sigmoid(inside).mean()
+    chosen_term = (mse_w - ref_mse_w).mean()
+    if chosen_weight:
+        loss = loss + chosen_weight * chosen_term
     acc = (inside > 0).astype(jnp.float32) + 0.5 * (inside == 0).astype(jnp.float32)
     metrics = {
         "implicit_acc": acc.mean(),
@@ -72,6 +81,7 @@ def dpo_loss(
         "ref_mse_l": ref_mse_l.mean(),
         "inside": inside.mean(),
         "reward_margin": margin.mean(),
+        "chosen_term": chosen_term,
     }
     return loss, metrics
 

@@ -86,6 +86,7 @@ class DPOTask:
     schedule: noise_lib.NoiseSchedule
     beta: float = 5000.0
     scaling_factor: float = 0.18215
+    chosen_weight: float = 0.0  # > 0: keep the chosen image's MSE near the reference's
 
     def _predictions(self, adapter: Any, frozen: Any, batch: Batch, rng: jax.Array):
         """Policy and reference predictions for ``[chosen; rejected]`` and their target."""
@@ -105,7 +106,8 @@ class DPOTask:
 
     def loss(self, adapter: Any, frozen: Any, batch: Batch, rng: jax.Array):
         pred, ref, target, b = self._predictions(adapter, frozen, batch, rng)
-        return dpo_loss(pred[:b], pred[b:], ref[:b], ref[b:], target[:b], target[b:], self.beta)
+        return dpo_loss(pred[:b], pred[b:], ref[:b], ref[b:], target[:b], target[b:], self.beta,
+                        self.chosen_weight)  # fmt: skip
 
     def margins(self, adapter: Any, frozen: Any, batch: Batch, rng: jax.Array) -> jax.Array:
         """``[B]`` per-pair reward margin ``(ref_w - mse_w) - (ref_l - mse_l)`` for one

@@ -99,7 +99,8 @@ def build_task(
     train = config.train
     module, params = models.module, models.unet_params
     if config.task == "dpo":
-        task = DPOTask(module, models.schedule, float(train.beta), models.scaling_factor)
+        task = DPOTask(module, models.schedule, float(train.beta), models.scaling_factor,
+                       float(train.dpo_chosen_weight))  # fmt: skip
         rng = jax.random.key(int(config.model.get("init_seed", 0)) + 3)
         boxed = _adapter_init(module)(params, rng)
         adapter = meta.unbox(boxed)
