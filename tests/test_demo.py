@@ -318,3 +318,27 @@ def test_dpo_stage_learns_on_the_shipped_base(tmp_path):
     assert set(curve) == {0, steps}, curve
     assert curve[0] == 0.5  # zero-initialised adapter: policy == reference, every margin a tie
     assert curve[steps] > curve[0] and curve[steps] >= 0.65, curve
+
+
+def test_demo_quiets_known_library_noise_and_keeps_everything_else():
+    import logging
+
+    from psa_jax.demo.cli import _DropNoise, quiet_library_noise
+
+    quiet_library_noise()
+    quiet_library_noise()  # idempotent: one filter per target
+    targets = [logging.getLogger("absl"), *logging.getLogger("transformers").handlers,
+               *logging.getLogger("diffusers").handlers]  # fmt: skip
+    assert len(targets) >= 3
+    for t in targets:
+        assert sum(isinstance(f, _DropNoise) for f in t.filters) == 1, t
+    record = lambda msg: logging.makeLogRecord({"msg": msg})  # noqa: E731
+    drop = _DropNoise()
+    for noise in (
+        "CheckpointManagerOptions.read_only=True, setting save_interval_steps=0.",
+        "`CLIPImageProcessor` requires torchvision (not installed); falling back to ...",
+        "image_encoder is not loaded since `image_encoder_folder=None` passed. You will not ...",
+    ):
+        assert not drop.filter(record(noise)), noise
+    for kept in ("checkpoint 7 is damaged", "Some weights were not initialized: ['x']"):
+        assert drop.filter(record(kept)), kept
