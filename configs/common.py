@@ -74,6 +74,10 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
             "resolution": ml_collections.config_dict.placeholder(int),
             "skip_bad": False,
             "flip": True,
+            # "joint": chosen and rejected mirrored alike, so a pair still differs only in its
+            # content (Sage-mini: the marker); "independent": each image on its own, as
+            # PSAlign's SageDataset transforms them.
+            "flip_pair": "joint",
             "caption_dropout": 0.0,
             "num_threads": 2,
             "toy": dataclasses.asdict(ToyWorldConfig()),  # the generated world's size

@@ -195,9 +195,10 @@ def collect(world, tables, n, **kw) -> list[dict]:
     return [next(it) for _ in range(n)]
 
 
-def test_loader_batches_with_caches_equal_a_direct_run(world, built):
+@pytest.mark.parametrize("flip_pair", ["joint", "independent"])
+def test_loader_batches_with_caches_equal_a_direct_run(world, built, flip_pair):
     tables = C.load_caches(built["path"])
-    batches = collect(world, tables, 6, caption_dropout=0.4)  # two epochs
+    batches = collect(world, tables, 6, caption_dropout=0.4, flip_pair=flip_pair)  # 2 epochs
     flips = drops = 0
     for b in batches:
         assert b["chosen_moments"].shape == (4, RES // 2, RES // 2, 8)
@@ -209,7 +210,7 @@ def test_loader_batches_with_caches_equal_a_direct_run(world, built):
             flip, drop = augment_draws(0, int(i), int(e), 0.4)
             flips, drops = flips + flip, drops + drop
     assert 0 < flips < 24 and 0 < drops < 24  # both orientations and both prompts were seen
-    lean = collect(world, tables, 6, caption_dropout=0.4, decode_pixels=False)
+    lean = collect(world, tables, 6, caption_dropout=0.4, decode_pixels=False, flip_pair=flip_pair)
     for b, full in zip(lean, batches):
         assert "chosen" not in b and "rejected" not in b
         assert all(np.array_equal(v, full[k]) for k, v in b.items())

@@ -346,3 +346,32 @@ def test_cli_embed_profiles(users8, tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out)
     assert printed["dim"] == 3584 and printed["num_users"] == 2
     assert set(load_embeddings(tmp_path / "out")) == {"0000001", "0000002"}
+
+
+def test_a_template_without_a_system_role_gets_the_system_text_in_the_user_turn():
+    """Gemma-style templates raise on a system turn: the system text moves to the start of the
+    user turn (counted), never dropped; any other template error propagates."""
+    from jinja2.exceptions import TemplateError
+
+    from psa_jax.data.embed import _BANNED_SYSTEM, CausalLMEncoder
+
+    class NoSystemTokenizer:
+        chat_template = "stub"
+
+        def __init__(self, error: str):
+            self.error = error
+
+        def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+            if messages[0]["role"] == "system":
+                raise TemplateError(self.error)
+            return "|".join(f"{m['role']}:{m['content']}" for m in messages)
+
+    enc = object.__new__(CausalLMEncoder)
+    enc.system_turns_folded = 0
+    enc.tokenizer = NoSystemTokenizer("System role not supported")
+    assert enc.banned_chat("which categories?") == f"user:{_BANNED_SYSTEM}\n\nwhich categories?"
+    assert enc.system_turns_folded == 1
+    enc.tokenizer = NoSystemTokenizer("Conversation roles must alternate user/assistant")
+    with pytest.raises(TemplateError, match="alternate"):
+        enc.banned_chat("which categories?")
+    assert enc.system_turns_folded == 1

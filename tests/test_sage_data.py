@@ -172,6 +172,28 @@ def test_skip_bad_skips_and_counts(tmp_path):
     )
 
 
+def test_every_user_of_a_split_is_listed_by_the_build_and_found_by_the_loader(tmp_path):
+    """A user with one record at the end of the split is found (the loader used to read at
+    most 4,096 evenly spaced records); the build report lists each split's users and the loader
+    reads them there; a dataset built before the list existed is read through in full."""
+    lines = [_line(i) for i in range(NUM)]
+    lines[-1]["user_data"]["User_ID"] = "lonely"
+    out = str(tmp_path / "out")
+    report = build_data(make_sage(str(tmp_path / "src"), lines), out)
+    want = sorted({*USERS, "lonely"})
+    assert report.users == {"train": want}
+    assert loader(out).user_ids() == want
+    path = os.path.join(out, "sage", "1.0.0", "build_report.json")
+    on_disk = json.load(open(path))
+    assert on_disk["users"] == {"train": want}
+    on_disk["users"] = {"train": ["from-the-report"]}  # the loader reads the list, not records
+    json.dump(on_disk, open(path, "w"))
+    assert loader(out).user_ids() == ["from-the-report"]
+    del on_disk["users"]  # a build from before the list: every record is read
+    json.dump(on_disk, open(path, "w"))
+    assert loader(out).user_ids() == want
+
+
 def test_failed_rebuild_keeps_the_previous_dataset(tmp_path):
     src = _bad_source(str(tmp_path / "src"))
     good = make_sage(str(tmp_path / "good"), [_line(i) for i in range(5)])
@@ -269,6 +291,33 @@ def test_caption_dropout_rate_and_reproducibility(built):
     assert L.augment_draws(0, 3, 1, 0.3) == L.augment_draws(0, 3, 1, 0.3)
     flips = [L.augment_draws(0, i, 0, 0.0)[0] for i in range(50)]
     assert flips == [L.augment_draws(0, i, 0, 0.9)[0] for i in range(50)]
+
+
+def test_flip_pair_joint_mirrors_both_images_alike_and_independent_each_on_its_own(built):
+    """Which records came out mirrored, told by comparing with the stored pixels: jointly the
+    pair always agrees; independently (PSAlign's per-image transform) chosen keeps the joint
+    run's flips and rejected draws its own, so some pairs disagree."""
+
+    def mirrored(batch, key):
+        out = []
+        for img, idx in zip(batch[key], batch["index"]):
+            kind = "s" if key == "chosen" else "u"
+            raw = _pixels(int(idx), kind).astype(np.float32) / 127.5 - 1.0
+            same_ = np.allclose(img, raw)
+            assert same_ or np.allclose(img, raw[:, ::-1])
+            out.append(not same_)
+        return out
+
+    def flips(flip_pair):
+        bs = take(loader(built, flip_pair=flip_pair, batch_size=6), 8)
+        return [(w, r) for b in bs for w, r in zip(mirrored(b, "chosen"), mirrored(b, "rejected"))]
+
+    joint, indep = flips("joint"), flips("independent")
+    assert all(w == r for w, r in joint) and any(w for w, _ in joint)
+    assert [w for w, _ in indep] == [w for w, _ in joint]
+    assert any(w != r for w, r in indep)
+    with pytest.raises(ValueError, match="flip_pair"):
+        loader(built, flip_pair="mirror")
 
 
 def test_missing_user_embedding_is_an_error_naming_the_user(built):

@@ -19,10 +19,10 @@ from psa_jax.data.oracle import (
     marker_rates,
     to_unit,
 )
-from psa_jax.data.profiles import CATEGORIES, LEVEL_USERS, read_users
+from psa_jax.data.profiles import CATEGORIES, LEVEL_USERS, packaged_users_csv, read_users
 from psa_jax.data.toy_world import ToyWorldConfig, ensure_toy_world, make_toy_world
 
-USERS_CSV = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "psalign", "users.csv")
+USERS_CSV = packaged_users_csv()  # PSAlign's 1,001 users, shipped with the package
 SMALL = ToyWorldConfig(
     num_users=20,
     num_unseen_users=5,
@@ -32,8 +32,6 @@ SMALL = ToyWorldConfig(
     num_benign=8,
 )
 BIG = ToyWorldConfig(concepts_per_category=6, captions_per_concept=8, eval_captions_per_concept=2)
-
-pytestmark = pytest.mark.skipif(not os.path.isfile(USERS_CSV), reason="no ../shared users.csv")
 
 
 @pytest.fixture(scope="module")

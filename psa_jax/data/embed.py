@@ -131,6 +131,8 @@ class CausalLMEncoder(_TorchEncoder):
         torch, self.device, torch_dtype = _torch_setup(device, dtype)
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        self.system_turns_folded = 0  # banned_chat prompts whose system turn went in the user's
+
         if not os.path.isdir(path):
             raise EmbeddingError(f"causal-lm: {path!r} is not a local model folder")
         self.name, self.path = f"causal-lm:{os.path.basename(os.path.normpath(path))}", path
@@ -168,17 +170,27 @@ class CausalLMEncoder(_TorchEncoder):
         # masked_fill, not a product: padded rows may hold NaN under a fully masked softmax.
         return hidden.masked_fill(~mask, 0.0).sum(1) / mask.sum(1).clamp(min=1)
 
+    def banned_chat(self, prompt: str) -> str:
+        """The templated text of PSAlign's system turn + ``prompt``. A chat template that
+        refuses a system role (it raises a ``TemplateError`` naming "system", as Gemma's do)
+        gets the system text at the start of the user turn instead: nothing dropped, and
+        ``system_turns_folded`` counts it. Any other template error propagates."""
+        from jinja2.exceptions import TemplateError
+
+        user = {"role": "user", "content": prompt}
+        try:
+            return self.chat([{"role": "system", "content": _BANNED_SYSTEM}, user])
+        except TemplateError as err:
+            if "system" not in str(err).lower():
+                raise
+        self.system_turns_folded += 1
+        return self.chat([{"role": "user", "content": f"{_BANNED_SYSTEM}\n\n{prompt}"}])
+
     def answer(self, prompts: Sequence[str], batch_size: int = 8, max_new_tokens: int = 256):
         """Greedy answers to ``prompts`` (system + user turn, as PSAlign's get_banned.py)."""
         torch, answers = self._torch, []
         for i in range(0, len(prompts), batch_size):
-            chats, system = [], {"role": "system", "content": _BANNED_SYSTEM}
-            for p in prompts[i : i + batch_size]:
-                msgs = [system, {"role": "user", "content": p}]
-                try:
-                    chats.append(self.chat(msgs))
-                except Exception:  # templates that refuse a system turn
-                    chats.append(self.chat(msgs[1:]))
+            chats = [self.banned_chat(p) for p in prompts[i : i + batch_size]]
             enc = self._inputs(chats)
             enc.pop("position_ids", None)  # generate derives them from the mask
             gen = dict(do_sample=False, max_new_tokens=max_new_tokens)
@@ -336,6 +348,7 @@ def embed_profiles(
             profiles = parsed
             extra = {
                 "llm_answers": dict(zip(ids, answers)),
+                "llm_system_turns_folded": int(getattr(src, "system_turns_folded", 0)),
                 "banned": {p.user_id: list(p.banned) for p in profiles},
             }
         vectors = src.encode([prof.embed_prompt(p) for p in profiles], batch_size)

@@ -4,7 +4,8 @@ Order of operations, per process::
 
     records[process_index::process_count]       # disjoint shards that together cover the data
       -> shuffle (seed; reshuffled every epoch) -> repeat (num_epochs, None = forever)
-      -> decode PNG -> float32 [-1, 1] HWC, same random h-flip for chosen and rejected
+      -> decode PNG -> float32 [-1, 1] HWC, random h-flip: one for the pair (flip_pair="joint")
+         or one per image ("independent", as PSAlign's per-image transform)
       -> caption dropout ("" with probability p)
       -> batch (per-process batch size, drop remainder) -> profile embeddings by user id
 
@@ -23,6 +24,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
+import logging
 import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -33,7 +36,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from psa_jax.data.sage import fit_square
+from psa_jax.data.sage import REPORT, VERSION, fit_square
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from psa_jax.data.cache import CacheTables
@@ -69,6 +74,16 @@ def augment_draws(seed: int, index: int, epoch: int, caption_dropout: float) -> 
     return bool(u_flip < 0.5), bool(u_drop < caption_dropout)
 
 
+FLIP_PAIRS = ("joint", "independent")
+
+
+def rejected_flip_draw(seed: int, index: int, epoch: int) -> bool:
+    """The rejected image's own flip (``flip_pair="independent"``): the third draw of the
+    stream whose first two :func:`augment_draws` uses, so the chosen image's flip and the
+    caption dropout are the same under either setting."""
+    return bool(np.random.default_rng([seed, index, epoch]).random(3)[2] < 0.5)
+
+
 def lookup_embeddings(user_ids: np.ndarray, table: Mapping[str, np.ndarray]) -> np.ndarray:
     """``[B, D]`` float32 profile embeddings for ``user_ids``; a missing user is an error."""
     missing = sorted({str(u) for u in user_ids if str(u) not in table})
@@ -82,6 +97,21 @@ def lookup_embeddings(user_ids: np.ndarray, table: Mapping[str, np.ndarray]) -> 
 def open_source(data_dir: str | os.PathLike, name: str, split: str) -> Any:
     """Random-access source over a built dataset; reads files only, never builds or downloads."""
     return tfds.data_source(name, split=split, data_dir=os.fspath(data_dir), download=False)
+
+
+def split_user_ids(data_dir: str | os.PathLike, name: str, split: str, source: Any) -> list[str]:
+    """Every distinct user id of ``split`` (sorted): from the build report, which lists them
+    (builds since it does), else by reading all of ``source``'s records, never a sample: a
+    user the list misses would be left out of what is computed from it."""
+    path = os.path.join(os.fspath(data_dir), name, VERSION, REPORT)
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            users = json.load(f).get("users", {})
+        if split in users:
+            return list(users[split])
+    log.info("%s: the build report lists no users of split %r: reading all %d records",
+             path, split, len(source))  # fmt: skip
+    return sorted({_text(source[i]["user_id"]) for i in range(len(source))})
 
 
 def _text(value: bytes | str) -> str:
@@ -121,6 +151,7 @@ class SageLoader:
         process_index: int | None = None,
         process_count: int | None = None,
         *,
+        flip_pair: str = "joint",
         shuffle: bool = True,
         num_epochs: int | None = None,
         num_threads: int = 4,
@@ -138,13 +169,16 @@ class SageLoader:
             raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if flip_pair not in FLIP_PAIRS:
+            raise ValueError(f"flip_pair must be one of {FLIP_PAIRS}, got {flip_pair!r}")
         dims = {np.shape(v) for v in embeddings.values()}
         if len(dims) > 1:
             raise ValueError(f"profile embeddings of different shapes: {sorted(dims)}")
         self.batch_size, self.seed, self.resolution = batch_size, seed, resolution
-        self.flip, self.caption_dropout = flip, caption_dropout
+        self.flip, self.flip_pair, self.caption_dropout = flip, flip_pair, caption_dropout
         self._embeddings = dict(embeddings)
         self._source = open_source(data_dir, name, split)
+        self._data_dir, self._name, self._split = os.fspath(data_dir), name, split
         self.num_records = len(self._source)
         self.caches, self.decode_pixels = caches, decode_pixels
         if not decode_pixels and (caches is None or caches.moments is None):
@@ -171,12 +205,10 @@ class SageLoader:
         )
         self._iterator: grain.DatasetIterator | None = None
 
-    def user_ids(self, max_records: int = 4096) -> list[str]:
-        """The distinct users of this split (of at most ``max_records`` evenly spaced records of
-        the whole split, not this process's shard: every process gets the same list)."""
-        n = min(self.num_records, max_records)
-        picks = np.unique(np.linspace(0, self.num_records - 1, n).astype(np.int64))
-        return sorted({_text(self._source[int(i)]["user_id"]) for i in picks})
+    def user_ids(self) -> list[str]:
+        """Every distinct user of this split (the whole split, not this process's shard: every
+        process gets the same list)."""
+        return split_user_ids(self._data_dir, self._name, self._split, self._source)
 
     def _load(self, position: int, record_index: int) -> dict[str, Any]:
         """One record: position counts over epochs in this shard, record_index is storage order."""
@@ -184,7 +216,11 @@ class SageLoader:
         epoch = position // self.shard_size
         index = int(rec["index"])
         flip, drop = augment_draws(self.seed, index, epoch, self.caption_dropout)
-        flip = self.flip and flip  # the pair flips together, as PSAlign's stacked-channel transform
+        flips = {"chosen": self.flip and flip}
+        if self.flip_pair == "joint":  # both images of the pair mirrored alike
+            flips["rejected"] = flips["chosen"]
+        else:  # PSAlign's SageDataset transforms (and flips) each image on its own
+            flips["rejected"] = self.flip and rejected_flip_draw(self.seed, index, epoch)
         caption = _text(rec["caption"])
         item = {
             "caption": "" if drop else caption,
@@ -195,13 +231,18 @@ class SageLoader:
         }
         for key in ("chosen", "rejected") if self.decode_pixels else ():
             image = decode_image(rec[key], self.resolution)
-            item[key] = image[:, ::-1] if flip else image
+            item[key] = image[:, ::-1] if flips[key] else image
         if self.caches is not None:
-            item.update(self._cached(rec, index, caption, flip, drop))
+            item.update(self._cached(rec, index, caption, flips, drop))
         return item
 
     def _cached(
-        self, rec: Mapping[str, Any], index: int, caption: str, flip: bool, drop: bool
+        self,
+        rec: Mapping[str, Any],
+        index: int,
+        caption: str,
+        flips: Mapping[str, bool],
+        drop: bool,
     ) -> dict[str, np.ndarray]:
         """The cache rows of one record, after checking they were computed from this record."""
         c = self.caches
@@ -221,7 +262,7 @@ class SageLoader:
         out = {"text_states": c.text_states[text_row], "text_pooled": c.text_pooled[text_row]}
         if c.moments is not None:
             for key, row in rows.items():
-                out[f"{key}_moments"] = c.moments[row, int(flip)]
+                out[f"{key}_moments"] = c.moments[row, int(flips[key])]
         return out
 
     def _collate(self, items: list[dict[str, Any]]) -> Batch:

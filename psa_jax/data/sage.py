@@ -51,6 +51,9 @@ class BuildReport:
     skipped: list[tuple[int, str]]  # (1-based line, reason naming the metadata file)
     out: str  # the dataset directory, OUT/<name>/<version>
     splits: dict[str, int] = dataclasses.field(default_factory=dict)  # records per split
+    # The distinct user ids written per split (sorted): what the trainer needs to know of a
+    # split's users without reading every record back.
+    users: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,6 +195,7 @@ class SageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         self._resolution = resolution
         self._skip_bad = skip_bad
         self.skipped: list[tuple[int, str]] = []
+        self.users: dict[str, set[str]] = {}
         super().__init__(**kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -209,7 +213,8 @@ class SageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         for split, folder in self._source_splits.items():
             records, bad = read_metadata(folder)
             self._fail_or_skip(bad)
-            generators[split] = self._generate_examples(records)
+            self.users[split] = set()
+            generators[split] = self._generate_examples(records, self.users[split])
         return generators
 
     def _fail_or_skip(self, bad: list[tuple[int, str]]) -> None:
@@ -219,7 +224,9 @@ class SageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             )
         self.skipped.extend(bad)
 
-    def _generate_examples(self, records: list[_Record]) -> Iterator[tuple[int, dict]]:
+    def _generate_examples(
+        self, records: list[_Record], users: set[str]
+    ) -> Iterator[tuple[int, dict]]:
         for r in records:
             encoded: dict[str, bytes] = {}
             for key, path in (("chosen", r.chosen), ("rejected", r.rejected)):
@@ -231,6 +238,7 @@ class SageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                     break
             if len(encoded) < 2:
                 continue
+            users.add(r.user_id)
             yield (
                 r.line - 1,
                 {
@@ -308,6 +316,7 @@ def build_data(
             skipped=sorted(builder.skipped),
             out=final,
             splits=counts,
+            users={k: sorted(v) for k, v in builder.users.items()},
         )
         built = os.fspath(builder.data_path)
         with open(os.path.join(built, REPORT), "w", encoding="utf-8") as f:

@@ -341,6 +341,8 @@ def make_loader(
         embeddings=splits.embeddings,
         resolution=splits.resolution,
         flip=data.get("flip", True),
+        # Runs saved before data.flip_pair existed flipped their pairs jointly.
+        flip_pair=data.get("flip_pair", "joint"),
         caption_dropout=data.get("caption_dropout", 0.0),
         shuffle=shuffle,
         num_epochs=num_epochs,
