@@ -289,6 +289,7 @@ def test_demo_runs_end_to_end_resumes_and_writes_the_api_keys(tmp_path):
     assert [r["source"] for r in rows] == ["this run", "this run"]
     assert [r["num_user_tokens"] for r in rows] == [4, 1]
     assert rows[1]["suppression_ratio"] is not None and len(rows[1]["level_marker_rates"]) == 6
+    assert all(v is not None for v in rows[1]["adherence_ratio_per_level"].values())
     assert "Ablation: user tokens" in page
     # A second run finds every stage done and rewrites the same measurements.
     log.clear()

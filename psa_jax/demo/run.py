@@ -336,7 +336,6 @@ def stage_ablation(settings: DemoSettings, tokens: int, log) -> dict[str, Any]:
     from psa_jax.demo.report import pair_accuracy_curve
     from psa_jax.eval import benchmark
     from psa_jax.eval import evaluate as E
-    from psa_jax.eval.toy import ToyOracle
 
     folder = _stage_dir(settings, f"ablation_t{tokens}")
     run = _train_dpo(ablation_config(settings, tokens), os.path.join(folder, "dpo"), log,
@@ -350,18 +349,14 @@ def stage_ablation(settings: DemoSettings, tokens: int, log) -> dict[str, Any]:
         drawn = E.generate(model.pipeline, level_items, es.sampler, base=False,
                            desc=f"ablation T={tokens}", progress=settings.progress)  # fmt: skip
         psa = drawn[E.PSA]
-        base = images["base"]
-        oracle = ToyOracle()
-        det = {"psa": oracle(psa).categories, "base": oracle(base).categories}
-        scorers = benchmark.build_scorers(es)
-        adh = {k: E.score(v, level_items, scorers, progress=False).adherence
-               for k, v in (("psa", psa), ("base", base))}  # fmt: skip
-        name = sorted(adh["psa"])[0]
+        scored = {k: E.score(v, level_items, benchmark.build_scorers(es), progress=False)
+                  for k, v in ((E.PSA, psa), (E.BASE, images[E.BASE]))}  # fmt: skip
+        det = {k: sc.detected for k, sc in scored.items()}
+        # The eval stage's per-group summary, so both rows' adherence is the same measure.
         ratio = {}
         for lv in LEVELS:
             sel = [i for i, it in enumerate(level_items) if it.group == f"level-{lv}"]
-            ratio[str(lv)] = safe_ratio(float(adh["psa"][name][sel].mean()),
-                                        float(adh["base"][name][sel].mean()))  # fmt: skip
+            ratio[str(lv)] = _adherence_ratio(E.group_summary(level_items, sel, scored))
         acc = pair_accuracy_curve(run["workdir"])
         return {"num_user_tokens": tokens, **level_summary(level_items, det),
                 "adherence_ratio_per_level": ratio,
