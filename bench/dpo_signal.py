@@ -18,8 +18,11 @@ import json
 import jax
 import numpy as np
 
+from psa_jax.cli.train import config_overrides
 from psa_jax.config import apply_overrides, load_config
-from psa_jax.train import inputs, trainer
+from psa_jax.data import prepare
+from psa_jax.models import loading
+from psa_jax.train import tasks, trainer
 
 
 def _flat(tree) -> np.ndarray:
@@ -41,19 +44,19 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batches", type=int, default=240)
     p.add_argument("--scales", default="0.3,1,3,10", help="step sizes along -mean gradient")
     args, extra = p.parse_known_args(argv)
-    config = apply_overrides(load_config(args.config), trainer.config_overrides(extra))
-    models = inputs.load_base_models(config)
-    splits = inputs.prepare_data(config, models)
+    config = apply_overrides(load_config(args.config), config_overrides(extra))
+    models = loading.load_base_models(config)
+    splits = prepare.prepare_data(config, models)
     bs = int(config.train.batch_size)
 
     def loader(split: str, batch: int, **kw):
-        caches = inputs.open_caches(config, models, splits, split)
-        return inputs.make_loader(config, splits, split, caches, batch, seed=0, **kw)
+        caches = prepare.open_caches(config, models, splits, split)
+        return prepare.make_loader(config, splits, split, caches, batch, seed=0, **kw)
 
     train_it = loader(config.data.train_split, bs)
     eval_it = loader(config.data.eval_split, 32, num_epochs=1)
-    embeds = trainer.training_user_embeds(config, splits, train_it)
-    setup = trainer.build_task(config, models, embeds)
+    embeds = tasks.training_user_embeds(config, splits, train_it)
+    setup = tasks.build_task(config, models, embeds)
     task, frozen, adapter = setup.task, setup.frozen, setup.trainable
     grad = jax.jit(jax.grad(lambda a, b, r: task.loss(a, frozen, b, r)[0]))
     margins = jax.jit(lambda a, b, r: task.margins(a, frozen, b, r))

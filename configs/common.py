@@ -62,7 +62,7 @@ def noise_config(prediction_type: str = "epsilon") -> ml_collections.ConfigDict:
 
 
 def data_config(**overrides) -> ml_collections.ConfigDict:
-    """Where pairs and profiles come from (see psa_jax/train/inputs.py)."""
+    """Where pairs and profiles come from (see psa_jax/data/prepare.py)."""
     cfg = ml_collections.ConfigDict(
         {
             "source": "toy",  # "toy" (Sage-mini, generated) or a Sage-format / built folder
@@ -126,11 +126,6 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
     return cfg
 
 
-def debug_config() -> ml_collections.ConfigDict:
-    """Fault injection for tests: 0 = off."""
-    return ml_collections.ConfigDict({"kill_at_step": 0, "nan_at_step": 0})
-
-
 def add_training(
     config: ml_collections.ConfigDict,
     *,
@@ -153,6 +148,5 @@ def add_training(
     config.optim = optim
     config.train = train
     config.mesh = mesh_config()
-    config.debug = debug_config()
     config.seed = 0
     return config

@@ -6,9 +6,16 @@ Data flow: data -> models -> train -> sample -> eval -> export. The public surfa
 
 from psa_jax.models.convert import WeightMismatchError
 from psa_jax.models.psa_unet import PSAUNet, load_unet
+from psa_jax.version import __version__
 
-__all__ = ["PSAUNet", "WeightMismatchError", "load_text_encoder", "load_unet", "load_vae"]
-__version__ = "0.1.0"
+__all__ = [
+    "PSAUNet",
+    "WeightMismatchError",
+    "__version__",
+    "load_text_encoder",
+    "load_unet",
+    "load_vae",
+]
 
 
 def __getattr__(name):

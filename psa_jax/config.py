@@ -1,16 +1,128 @@
-"""Loading ``configs/<name>.py`` files (ml_collections, ``get_config(arg)``) by path.
+"""Loading ``configs/<name>.py`` files (ml_collections, ``get_config(arg)``) by path, and
+reading the config a run saved.
 
 Config files import their shared pieces as ``from configs import common``, so the folder that
 holds ``configs/`` is put on ``sys.path`` while the file is loaded.
+
+A run saves its resolved config with the ``schema_version`` it was written with. Reading an
+older run's config never fills a missing key silently: each key a newer schema needs is either
+set by a named migration rule (logged, with the value that reproduces how such runs behaved) or
+the library's plain attribute access fails on it, naming the key.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import importlib.util
+import logging
 import os
 import sys
+from collections.abc import Callable, Mapping
 
 import ml_collections
+
+log = logging.getLogger(__name__)
+
+# v1: runs written before the version was recorded. v2: every key below is in the saved config.
+SCHEMA_VERSION = 2
+
+
+class RunConfigError(ValueError):
+    """A saved run config that this psa_jax cannot read (newer schema, malformed version)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Migration:
+    """``apply`` brings a config dict to ``to_version`` in place and returns the keys it set."""
+
+    name: str
+    to_version: int
+    why: str
+    apply: Callable[[dict], list[str]]
+
+
+def _fill(d: dict, path: str, value, done: list[str]) -> None:
+    *parents, leaf = path.split(".")
+    node = d
+    for name in parents:
+        node = node.setdefault(name, {})
+    if leaf not in node:
+        node[leaf] = value() if callable(value) else value
+        done.append(f"{path}={node[leaf]!r}")
+
+
+def _pre_schema(d: dict) -> list[str]:
+    done: list[str] = []
+    model = d.get("model", {})
+    # Before model.init, a named base (folder or denoise run) meant pretrained weights.
+    named = bool(model.get("pretrained") or model.get("base_workdir"))
+    _fill(d, "model.init", "pretrained" if named else "random", done)
+    for path, value in (
+        ("model.dtype", "float32"),
+        ("model.init_seed", 0),
+        ("model.text_layer", "last"),
+        ("model.remat_policy", "none"),
+        ("model.pretrained", ""),
+        ("model.base_workdir", ""),
+        ("model.vae_path", ""),
+        ("data.cache_dir", ""),
+        ("data.users_csv", ""),
+        ("data.eval_split", ""),
+        ("data.resolution", None),
+        ("data.toy", {}),
+        ("data.flip", True),
+        ("data.flip_pair", "joint"),  # pairs were flipped together before the choice existed
+        ("data.caption_dropout", 0.0),
+        ("data.num_threads", 2),
+        ("train.denoise_target", "unet"),
+        ("train.vae_kl_weight", 1e-6),
+        ("train.dpo_chosen_weight", 0.0),  # PSAlign's loss: no chosen-image term
+    ):
+        _fill(d, path, value, done)
+    if "adapter" in model:
+        _fill(d, "model.adapter.proj_init", "torch", done)  # PyTorch's Linear init
+    return done
+
+
+MIGRATIONS = (
+    Migration(
+        "pre-schema-defaults",
+        2,
+        "runs saved before schema_version existed lack keys added since; each gets the value "
+        "that code used for a run without it",
+        _pre_schema,
+    ),
+)
+
+
+def migrate_run_config(saved: Mapping, where: str) -> dict:
+    """A run's saved config dict brought to :data:`SCHEMA_VERSION` by :data:`MIGRATIONS`; what
+    each rule set is logged. A config from a newer psa_jax is an error."""
+    d = copy.deepcopy(dict(saved))
+    version = d.get("schema_version", 1)  # absent: written before versions were recorded
+    if not isinstance(version, int) or version < 1:
+        raise RunConfigError(f"{where}: schema_version {version!r} is not a positive integer")
+    if version > SCHEMA_VERSION:
+        raise RunConfigError(
+            f"{where}: config schema v{version} was written by a newer psa_jax "
+            f"(this one reads up to v{SCHEMA_VERSION})"
+        )
+    for rule in MIGRATIONS:
+        if version < rule.to_version:
+            filled = rule.apply(d)
+            if filled:
+                set_keys = ", ".join(filled)
+                log.warning("%s: config schema v%d -> v%d by rule %r (%s): set %s", where,
+                            version, rule.to_version, rule.name, rule.why, set_keys)  # fmt: skip
+            version = rule.to_version
+    d["schema_version"] = version
+    return d
+
+
+def stamp_schema(config_dict: Mapping) -> dict:
+    """The dict a run saves: its config plus the schema version this psa_jax writes."""
+    return {**config_dict, "schema_version": SCHEMA_VERSION}
 
 
 def load_config(path: str | os.PathLike, arg: str | None = None) -> ml_collections.ConfigDict:

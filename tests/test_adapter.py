@@ -17,8 +17,8 @@ from helpers import (
 )
 
 import psa_jax
-from psa_jax.export.adapters import export_adapter
 from psa_jax.models.adapter import standardize_projection
+from psa_jax.models.adapter_io import export_adapter
 from psa_jax.models.psa_unet import PSAUNet
 
 TOL = 1e-5

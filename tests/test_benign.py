@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 from flax.core import meta
 
+from psa_jax.core.diffusion import noise_schedule_from_config
 from psa_jax.models import convert
 from psa_jax.models.psa_unet import init_variables
 from psa_jax.models.unet import UNet2DConditionModel, UNetConfig
 from psa_jax.train import benign
 from psa_jax.train import lora as lora_lib
-from psa_jax.train.noise import noise_schedule_from_config
 
 TINY = dict(
     sample_size=8,

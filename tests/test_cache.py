@@ -13,7 +13,8 @@ from helpers import tiny_torch_vae
 from test_sage_data import EMBEDS, NUM, _line, make_sage
 
 from psa_jax.data import cache as C
-from psa_jax.data.loader import SageLoader, augment_draws, decode_image, open_source
+from psa_jax.data.loader import SageLoader, augment_draws
+from psa_jax.data.records import decode_image, open_source
 from psa_jax.data.sage import build_data
 from psa_jax.data.tokenizer import build_word_tokenizer, tokenize
 from psa_jax.models.clip import CLIPTextConfig, FlaxCLIPTextModel

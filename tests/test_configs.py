@@ -48,8 +48,8 @@ def test_model_init_is_explicit_and_checked():
     import ml_collections
     import pytest
 
+    from psa_jax.models.loading import ModelInitError, model_init
     from psa_jax.models.packaged import TINY_BASE
-    from psa_jax.train.inputs import model_init
 
     assert (tiny.get_config().model.init, tiny.get_config().model.pretrained) == (
         "pretrained",
@@ -57,16 +57,72 @@ def test_model_init_is_explicit_and_checked():
     )
     assert tiny.get_config("base").model.init == tiny.get_config("vae").model.init == "random"
     assert sd15.get_config().model.init == sdxl.get_config().model.init == "pretrained"
-    with pytest.raises(ValueError, match=r"needs model\.pretrained"):
+    with pytest.raises(ModelInitError, match=r"needs model\.pretrained"):
         model_init(sd15.get_config().model)  # no folder given: an error, not random weights
-    with pytest.raises(ValueError, match="both name a base"):
+    with pytest.raises(ModelInitError, match="both name a base"):
         model_init(ml_collections.ConfigDict({"init": "pretrained", "pretrained": "a",
                                               "base_workdir": "b"}))  # fmt: skip
-    with pytest.raises(ValueError, match="unknown"):
+    with pytest.raises(ModelInitError, match="unknown"):
         model_init(ml_collections.ConfigDict({"init": "zeros"}))
-    # Runs saved before the key existed migrate by what they set.
-    assert model_init(ml_collections.ConfigDict({"base_workdir": "runs/b"})) == "pretrained"
-    assert model_init(ml_collections.ConfigDict({"pretrained": ""})) == "random"
+    with pytest.raises(ModelInitError, match=r"no model\.init"):  # never inferred
+        model_init(ml_collections.ConfigDict({"base_workdir": "runs/b"}))
+
+
+def test_real_model_config_without_weights_names_the_key(tmp_path):
+    """`psa-jax train --config configs/sd15.py` with no folder: a named error before any data
+    or model work, naming the keys to set."""
+    import pytest
+
+    from psa_jax.cli import main
+    from psa_jax.models.loading import ModelInitError
+
+    with pytest.raises(ModelInitError, match=r"model\.pretrained.*model\.init='random'"):
+        main(["train", "--config", "configs/sd15.py", "--workdir", str(tmp_path / "run")])
+
+
+def test_old_run_configs_migrate_by_named_rule_or_fail(caplog):
+    """A run saved before schema versions gets each missing key from the named rule (logged,
+    the value such runs used); a newer schema is refused; a current run passes unchanged."""
+    import logging
+
+    import pytest
+
+    from psa_jax.config import SCHEMA_VERSION, RunConfigError, migrate_run_config, stamp_schema
+
+    old = {"task": "dpo", "model": {"base_workdir": "runs/b", "adapter": {"user_embed_dim": 8}},
+           "data": {"source": "toy"}, "train": {"steps": 3}}  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="psa_jax.config"):
+        new = migrate_run_config(old, "runs/x")
+    assert new["schema_version"] == SCHEMA_VERSION and "schema_version" not in old
+    assert new["model"]["init"] == "pretrained"  # it named a base run
+    assert new["data"]["flip_pair"] == "joint" and new["train"]["dpo_chosen_weight"] == 0.0
+    assert new["model"]["adapter"]["proj_init"] == "torch"
+    assert "pre-schema-defaults" in caplog.text and "data.flip_pair='joint'" in caplog.text
+    assert migrate_run_config({"model": {}}, "r")["model"]["init"] == "random"
+
+    current = stamp_schema(tiny.get_config().to_dict())
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="psa_jax.config"):
+        assert migrate_run_config(current, "r") == current
+    assert caplog.text == ""  # nothing to migrate, nothing said
+    with pytest.raises(RunConfigError, match="newer psa_jax"):
+        migrate_run_config({**current, "schema_version": SCHEMA_VERSION + 1}, "r")
+    with pytest.raises(RunConfigError, match="positive integer"):
+        migrate_run_config({**current, "schema_version": "2"}, "r")
+
+
+def test_every_config_carries_the_keys_the_library_reads():
+    """The current configs need no migration: every key the v1 rule would fill is present, so
+    the library reads them directly (no `.get(key, default)` fallbacks)."""
+    from psa_jax.config import SCHEMA_VERSION, migrate_run_config, stamp_schema
+
+    for cfg in (tiny.get_config(), tiny.get_config("vae"), tiny.get_config("base"),
+                sd15.get_config(), sdxl.get_config()):  # fmt: skip
+        d = stamp_schema(cfg.to_dict())
+        d.pop("schema_version")
+        assert migrate_run_config(d, "r") == {**d, "schema_version": SCHEMA_VERSION}, cfg.get(
+            "name"
+        )
 
 
 def test_packaged_names_resolve_or_fail_by_name(tmp_path):
@@ -82,8 +138,8 @@ def test_packaged_names_resolve_or_fail_by_name(tmp_path):
 def test_overrides_set_typed_values_and_reject_unknown_keys():
     import pytest
 
+    from psa_jax.cli.train import config_overrides
     from psa_jax.config import apply_overrides
-    from psa_jax.train.trainer import config_overrides
 
     items = config_overrides(
         [
@@ -111,7 +167,7 @@ def test_overrides_set_typed_values_and_reject_unknown_keys():
 def test_every_config_has_the_training_sections():
     for module in (tiny, sd15, sdxl):
         cfg = module.get_config()
-        for section in ("model", "noise", "data", "optim", "train", "mesh", "debug"):
+        for section in ("model", "noise", "data", "optim", "train", "mesh"):
             assert section in cfg, (module.__name__, section)
         assert cfg.task == "dpo"
         if module is not tiny:  # PSAlign's loss on real models; the tiny world's is in its docs

@@ -324,7 +324,7 @@ def test_dpo_stage_learns_on_the_shipped_base(tmp_path):
 def test_demo_quiets_known_library_noise_and_keeps_everything_else():
     import logging
 
-    from psa_jax.demo.cli import _DropNoise, quiet_library_noise
+    from psa_jax.demo.logs import _DropNoise, quiet_library_noise
 
     quiet_library_noise()
     quiet_library_noise()  # idempotent: one filter per target

@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 
-from psa_jax.data import embed
+from psa_jax.cli.data import register_embed
 from psa_jax.data.embed import (
     EmbeddingError,
     EmbeddingFileError,
@@ -333,7 +333,7 @@ def test_cli_embed_profiles(users8, tmp_path, capsys):
     import argparse
 
     parser = argparse.ArgumentParser(prog="psa-jax")
-    embed.register(parser.add_subparsers(dest="command", required=True))
+    register_embed(parser.add_subparsers(dest="command", required=True))
     small = tmp_path / "users2.csv"
     small.write_text("".join(open(users8, encoding="utf-8").readlines()[:3]), encoding="utf-8")
     args = parser.parse_args(

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from helpers import SD15_SCHEDULER_CONFIG
 
-from psa_jax.train import noise as N
+from psa_jax.core import diffusion as N
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")

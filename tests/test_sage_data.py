@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from psa_jax.cli.data import register_build as register
 from psa_jax.data import loader as L
-from psa_jax.data.sage import BadRecordError, build_data, fit_square, register
+from psa_jax.data.sage import BadRecordError, build_data, fit_square
 
 NUM = 12
 USERS = ("0000001", "0000002", "0000797")

@@ -16,10 +16,10 @@ from test_trainer import small_config
 
 import psa_jax
 from psa_jax import cli
+from psa_jax.core.checkpoint import restore_host_params
 from psa_jax.data.embed import MissingEmbeddingError
 from psa_jax.sample.pipeline import Pipeline
 from psa_jax.train import trainer
-from psa_jax.train.checkpoint import restore_host_params
 
 PROMPTS = ["a violent fight near a tent", "a nude figure near a car"]
 
@@ -126,7 +126,7 @@ def test_an_adapter_file_replaces_the_runs_adapter(run, tmp_path):
     import dataclasses
 
     from psa_jax.models.psa_unet import PSAUNet
-    from psa_jax.sample.cli import with_adapter
+    from psa_jax.sample.prompts import with_adapter
 
     _, pipeline = run
     tokens = (
@@ -152,7 +152,7 @@ def test_an_adapter_file_replaces_the_runs_adapter(run, tmp_path):
 )
 def test_reads_psalign_eval_prompt_layouts(name, has_user):
     """PSAlign's eval CSVs (caption, file_name, [user_id], extra columns) read as they ship."""
-    from psa_jax.sample.cli import read_prompts
+    from psa_jax.sample.prompts import read_prompts
 
     path = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "psalign", "eval_prompts")
     if not os.path.isdir(path):

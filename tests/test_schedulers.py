@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from helpers import SD15_SCHEDULER_CONFIG
 
+from psa_jax.core.diffusion import make_noise_schedule
 from psa_jax.sample import schedulers as S
-from psa_jax.train.noise import make_noise_schedule
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -172,7 +172,7 @@ def test_options_match_diffusers(name, n, beta, pred, opts, monkeypatch):
 
 @pytest.mark.parametrize("name", ["ddim", "euler", "dpmpp_2m"])
 def test_zero_terminal_snr_matches_diffusers(name, monkeypatch):
-    # Looser: the rescaled alphas_cumprod are ~4e-6 off near t = T (see train/noise.py), and
+    # Looser: the rescaled alphas_cumprod are ~4e-6 off near t = T (see core/diffusion.py), and
     # Euler's first step from sigma = 4096 cancels ~4096-sized terms down to ~18.
     opts = dict(timestep_spacing="trailing", zero_snr=True)
     _compare(name, 10, "scaled_linear", "v_prediction", monkeypatch, tol=(1e-4, 1e-4), **opts)

@@ -10,7 +10,8 @@ from psa_jax.data import toy_world
 from psa_jax.data.profiles import CATEGORIES
 from psa_jax.eval import metrics as M
 from psa_jax.eval import spqr
-from psa_jax.eval.scorers import MissingScorerWeightsError, UnknownScorerError, get_scorer
+from psa_jax.eval.registry import get_scorer
+from psa_jax.eval.scorers import MissingScorerWeightsError, UnknownScorerError
 from psa_jax.eval.toy import NotAToyCaptionError, parse_caption
 
 # SD1.5 rows of SPQR's results table: (S, P, Q, R) -> SPQR.

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from psa_jax.cli.data import register_toy
 from psa_jax.data import toy_world
 from psa_jax.data.oracle import (
     MARKER_HUES_DEG,
@@ -239,7 +240,7 @@ def test_oracle_is_fast():
 
 def test_cli_subcommand(tmp_path, capsys, monkeypatch):
     parser = argparse.ArgumentParser()
-    toy_world.register(parser.add_subparsers(dest="command", required=True))
+    register_toy(parser.add_subparsers(dest="command", required=True))
     out = tmp_path / "cli"
     argv = f"make-toy-data --out {out} --num-users 8 --num-unseen-users 3 --seed 2".split()
     args = parser.parse_args([*argv, "--users", USERS_CSV])

@@ -10,8 +10,8 @@ import pytest
 from flax.core import meta
 
 from configs import tiny
+from psa_jax.core import diffusion as noise
 from psa_jax.models.psa_unet import _adapter_init, init_variables, unet_module_from_config
-from psa_jax.train import noise
 from psa_jax.train.losses import dpo_loss
 from psa_jax.train.step import (
     DenoiseTask,

@@ -13,16 +13,19 @@ import socket
 import subprocess
 import sys
 
+import faults
 import jax
 import numpy as np
 import pytest
 
 from configs import tiny
 from psa_jax.config import apply_overrides
+from psa_jax.core.checkpoint import Checkpointer, restore_host_params
+from psa_jax.data import prepare
+from psa_jax.models import loading
 from psa_jax.models.psa_unet import PSAUNet
 from psa_jax.models.unet import UNetConfig
-from psa_jax.train import inputs, trainer
-from psa_jax.train.checkpoint import Checkpointer, restore_host_params
+from psa_jax.train import tasks, trainer
 from psa_jax.train.metrics_io import last_per_step, read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,17 +65,21 @@ def _env(cache: str) -> dict:
     )
 
 
-def train_cmd(cache: str, workdir: str, *args: str) -> list[str]:
-    """``psa-jax train`` on the tiny config and the small world, as a subprocess command."""
+def train_cmd(cache: str, workdir: str, *args: str, fault: str = "") -> list[str]:
+    """``psa-jax train`` on the tiny config and the small world, as a subprocess command;
+    ``fault`` (``kill_at=N``) runs it through tests/scripts/train_with_fault.py."""
     config = os.path.join(ROOT, "configs", "tiny.py")
     overrides = [f"--config.{o}" for o in (*SMALL_WORLD, f"data.cache_dir={cache}")]
-    base = [sys.executable, "-m", "psa_jax.cli", "train", "--config", config]
+    launcher = ["-m", "psa_jax.cli"]
+    if fault:
+        launcher = [os.path.join(ROOT, "tests", "scripts", "train_with_fault.py"), fault]
+    base = [sys.executable, *launcher, "train", "--config", config]
     return [*base, "--workdir", workdir, *overrides, *args]
 
 
-def run_cli(cache: str, workdir: str, *args: str) -> subprocess.CompletedProcess:
+def run_cli(cache: str, workdir: str, *args: str, fault: str = "") -> subprocess.CompletedProcess:
     return subprocess.run(
-        train_cmd(cache, workdir, *args),
+        train_cmd(cache, workdir, *args, fault=fault),
         env=_env(cache),
         capture_output=True,
         text=True,
@@ -95,7 +102,7 @@ def test_sigkill_then_resume_is_bit_identical(cache, tmp_path):
     common = ("--steps", str(2 * n), "--checkpoint-every", str(n))
     proc = run_cli(cache, straight, *common)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = run_cli(cache, killed, *common, f"--config.debug.kill_at_step={n + 2}")
+    proc = run_cli(cache, killed, *common, fault=f"kill_at={n + 2}")
     assert proc.returncode == -9, (proc.returncode, proc.stderr[-3000:])
     assert Checkpointer(killed, read_only=True).latest_step() == n
     assert max(losses(killed)) == n + 1  # step n+1 ran and was logged, then the kill
@@ -113,9 +120,9 @@ def test_sigkill_then_resume_is_bit_identical(cache, tmp_path):
 
 
 def test_nan_stops_with_a_named_error_and_keeps_the_checkpoint(cache, tmp_path):
-    config = small_config(cache, "train.steps=4", "train.checkpoint_every=2", "debug.nan_at_step=3")
+    config = small_config(cache, "train.steps=4", "train.checkpoint_every=2")
     with pytest.raises(trainer.NonFiniteError, match="step 3: loss nan"):
-        trainer.train(config, tmp_path)
+        trainer.train(config, tmp_path, batch_hook=faults.nan_at(3))
     assert Checkpointer(tmp_path, read_only=True).all_steps() == [2]
     params, _ = restore_host_params(tmp_path)
     assert all(np.isfinite(x).all() for x in leaves(params))
@@ -137,8 +144,8 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_two_processes_train_and_the_checkpoint_restores_in_one(cache, tmp_path):
     config = small_config(cache)
-    models = inputs.load_base_models(config)
-    splits = inputs.prepare_data(config, models)  # built once here; the two processes reuse it
+    models = loading.load_base_models(config)
+    splits = prepare.prepare_data(config, models)  # built once here; the two processes reuse it
     workdir = str(tmp_path / "run")
     port = _free_port()
     procs = []
@@ -162,7 +169,7 @@ def test_two_processes_train_and_the_checkpoint_restores_in_one(cache, tmp_path)
     assert cfg["task"] == "dpo"
     assert all(np.isfinite(x).all() for x in leaves(params))
     embeds = np.stack(list(splits.embeddings.values()))
-    fresh = trainer.build_task(config, models, embeds).trainable
+    fresh = tasks.build_task(config, models, embeds).trainable
     assert jax.tree.structure(params) == jax.tree.structure(fresh)
     assert any(not np.array_equal(x, y) for x, y in zip(leaves(params), leaves(fresh)))
 
@@ -170,30 +177,30 @@ def test_two_processes_train_and_the_checkpoint_restores_in_one(cache, tmp_path)
 def test_standardized_projection_starts_from_the_training_users(cache):
     config = small_config(cache)
     assert config.model.adapter.proj_init == "standardized"
-    models = inputs.load_base_models(config)
-    splits = inputs.prepare_data(config, models)
-    caches = inputs.open_caches(config, models, splits, "train")
-    loader = inputs.make_loader(config, splits, "train", caches, 4, seed=0)
-    embeds = trainer.training_user_embeds(config, splits, loader)
+    models = loading.load_base_models(config)
+    splits = prepare.prepare_data(config, models)
+    caches = prepare.open_caches(config, models, splits, "train")
+    loader = prepare.make_loader(config, splits, "train", caches, 4, seed=0)
+    embeds = tasks.training_user_embeds(config, splits, loader)
     toy = config.data.toy
     assert embeds.shape == (toy.num_users, 384)  # seen users only, not the unseen ones
     assert len(splits.embeddings) == toy.num_users + toy.num_unseen_users
-    proj = trainer.build_task(config, models, embeds).trainable["user_proj"]
+    proj = tasks.build_task(config, models, embeds).trainable["user_proj"]
     tokens = embeds @ proj["kernel"] + proj["bias"]
     assert tokens.std(0).mean() > 0.5  # users differ by O(1) at step 0
     with pytest.raises(ValueError, match="needs the training users' embeddings"):
-        trainer.build_task(config, models)
+        tasks.build_task(config, models)
     # Resuming: the checkpoint replaces the init, so no embeddings are needed; same tree.
-    resumed = trainer.build_task(config, models, resuming=True).trainable
+    resumed = tasks.build_task(config, models, resuming=True).trainable
     assert jax.tree.structure(resumed) == jax.tree.structure(
-        trainer.build_task(config, models, embeds).trainable
+        tasks.build_task(config, models, embeds).trainable
     )
     plain = apply_overrides(config, ["model.adapter.proj_init=torch"])
-    assert trainer.training_user_embeds(plain, splits, loader) is None
-    torch_proj = trainer.build_task(plain, models).trainable["user_proj"]
+    assert tasks.training_user_embeds(plain, splits, loader) is None
+    torch_proj = tasks.build_task(plain, models).trainable["user_proj"]
     assert (embeds @ torch_proj["kernel"]).std(0).mean() < 0.1
     with pytest.raises(ValueError, match="proj_init 'pca' unknown"):
-        trainer.build_task(apply_overrides(config, ["model.adapter.proj_init=pca"]), models)
+        tasks.build_task(apply_overrides(config, ["model.adapter.proj_init=pca"]), models)
 
 
 @pytest.mark.slow
@@ -219,7 +226,7 @@ def test_vae_then_base_then_dpo_stages_chain(cache, tmp_path):
         [*SMALL_WORLD, f"data.cache_dir={cache}", *short, f"model.vae_path={vae_dir}"],
     )
     assert base_cfg.task == "denoise" and base_cfg.train.image_key == "both"
-    models = inputs.load_base_models(base_cfg)
+    models = loading.load_base_models(base_cfg)
     assert models.scaling_factor == pytest.approx(summary["vae"]["scaling_factor"])
     base = trainer.train(base_cfg, base_dir)
     assert np.isfinite(base["metrics"]["mse"])
@@ -232,7 +239,7 @@ def test_vae_then_base_then_dpo_stages_chain(cache, tmp_path):
         "model.pretrained=",  # the base run instead of the shipped base
     )
     trainer.train(dpo_cfg, dpo_dir)
-    frozen = inputs.load_base_models(dpo_cfg).unet_params
+    frozen = loading.load_base_models(dpo_cfg).unet_params
     base_params, _ = restore_host_params(base_dir)
     assert all(np.array_equal(a, b) for a, b in zip(leaves(frozen), leaves(base_params)))
 

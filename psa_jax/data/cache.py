@@ -42,7 +42,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from psa_jax.data.loader import decode_image, open_source
+from psa_jax.data.records import decode_image, open_source
 from psa_jax.data.sage import VERSION
 from psa_jax.data.tokenizer import tokenize
 

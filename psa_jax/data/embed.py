@@ -17,7 +17,6 @@ Training must never see a made-up vector: :func:`load_embeddings` raises
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import inspect
@@ -358,7 +357,7 @@ def embed_profiles(
     os.makedirs(out_dir, exist_ok=True)
     for uid, vec in zip(ids, vectors):
         np.save(os.path.join(out_dir, f"{uid}.npy"), vec, allow_pickle=False)
-    from psa_jax import __version__
+    from psa_jax.version import __version__
 
     manifest = {
         "format": FORMAT,
@@ -407,27 +406,3 @@ def load_embeddings(
     if missing:
         raise MissingEmbeddingError(missing, directory)
     return {u: _read_vector(f, dim) for u, f in files.items()}
-
-
-def _cli(args: argparse.Namespace) -> int:
-    src = get_encoder(args.encoder, device=args.device, dtype=args.dtype)
-    kw = dict(banned_from=args.banned_from, max_new_tokens=args.max_new_tokens)
-    manifest = embed_profiles(args.users, src, args.out, batch_size=args.batch_size, **kw)
-    keys = ("encoder", "dim", "checksum", "num_users", "banned_from")
-    print(json.dumps({"out": args.out, **{k: manifest[k] for k in keys}}, indent=2))
-    return 0
-
-
-def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``embed-profiles`` to the ``psa-jax`` command line."""
-    p = subparsers.add_parser("embed-profiles", help="one embedding .npy per user of a users CSV")
-    p.add_argument("--users", required=True, help="users.csv (PSAlign layout)")
-    p.add_argument("--encoder", default="minilm", help="minilm | causal-lm:PATH | npy:DIR")
-    p.add_argument("--out", required=True, help="output folder: <user_id>.npy + manifest.json")
-    p.add_argument("--banned-from", choices=("csv", "llm"), default="csv")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=256, help="for --banned-from llm")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
-    p.set_defaults(func=_cli)
-    return p

@@ -23,25 +23,20 @@ JSON, for checkpointing next to the train state. Batches stay numpy on the host;
 from __future__ import annotations
 
 import hashlib
-import io
-import json
 import logging
 import os
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grain
 import jax
 import numpy as np
-import tensorflow_datasets as tfds
-from PIL import Image
 
-from psa_jax.data.sage import REPORT, VERSION, fit_square
+from psa_jax.data.cache import CacheTables
+from psa_jax.data.records import decode_image, open_source, split_user_ids
+from psa_jax.data.records import text as _text
 
 log = logging.getLogger(__name__)
-
-if TYPE_CHECKING:
-    from psa_jax.data.cache import CacheTables
 
 Batch = dict[str, np.ndarray]
 _ARRAY_KEYS = (
@@ -56,15 +51,6 @@ _ARRAY_KEYS = (
 
 class MissingUserEmbeddingError(LookupError):
     """A record's user has no profile embedding; PSAlign silently used zeros, we refuse."""
-
-
-def decode_image(png: bytes, resolution: int | None = None) -> np.ndarray:
-    """PNG (or any PIL-readable) bytes -> float32 ``[H, W, 3]`` in [-1, 1] (diffusers' range)."""
-    with Image.open(io.BytesIO(png)) as im:
-        image = im.convert("RGB")
-    if resolution is not None and image.size != (resolution, resolution):
-        image = fit_square(image, resolution)
-    return np.asarray(image, np.float32) / 127.5 - 1.0
 
 
 def augment_draws(seed: int, index: int, epoch: int, caption_dropout: float) -> tuple[bool, bool]:
@@ -92,30 +78,6 @@ def lookup_embeddings(user_ids: np.ndarray, table: Mapping[str, np.ndarray]) -> 
             f"no profile embedding for user id(s) {missing} ({len(table)} users in the table)"
         )
     return np.stack([np.asarray(table[str(u)], np.float32) for u in user_ids])
-
-
-def open_source(data_dir: str | os.PathLike, name: str, split: str) -> Any:
-    """Random-access source over a built dataset; reads files only, never builds or downloads."""
-    return tfds.data_source(name, split=split, data_dir=os.fspath(data_dir), download=False)
-
-
-def split_user_ids(data_dir: str | os.PathLike, name: str, split: str, source: Any) -> list[str]:
-    """Every distinct user id of ``split`` (sorted): from the build report, which lists them
-    (builds since it does), else by reading all of ``source``'s records, never a sample: a
-    user the list misses would be left out of what is computed from it."""
-    path = os.path.join(os.fspath(data_dir), name, VERSION, REPORT)
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            users = json.load(f).get("users", {})
-        if split in users:
-            return list(users[split])
-    log.info("%s: the build report lists no users of split %r: reading all %d records",
-             path, split, len(source))  # fmt: skip
-    return sorted({_text(source[i]["user_id"]) for i in range(len(source))})
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
 class SageLoader:

@@ -17,7 +17,6 @@ PIL. A record whose JSON, keys or images are bad is a ``BadRecordError`` naming 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import io
@@ -328,28 +327,3 @@ def build_data(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return report
-
-
-def _build_data_cmd(args: argparse.Namespace) -> int:
-    report = build_data(
-        args.source,
-        args.out,
-        resolution=args.resolution,
-        skip_bad=args.skip_bad,
-        name=args.name,
-        split=args.split,
-    )
-    print(json.dumps(dataclasses.asdict(report), indent=2))
-    return 0
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``build-data`` to ``psa-jax``'s sub-commands."""
-    p = subparsers.add_parser("build-data", help="Sage-format folder -> TFDS array_record dataset")
-    p.add_argument("--source", required=True, help="Sage split folder (metadata.jsonl) or root")
-    p.add_argument("--out", required=True, help="data_dir to write <name>/1.0.0 into")
-    p.add_argument("--resolution", type=int, default=None, help="resize + center-crop to N x N")
-    p.add_argument("--skip-bad", action="store_true", help="skip and count bad records")
-    p.add_argument("--name", default="sage", help="TFDS dataset name (snake_case)")
-    p.add_argument("--split", default="train", help="split name when --source is one split")
-    p.set_defaults(func=_build_data_cmd)

@@ -25,7 +25,6 @@ Layout written by :func:`make_toy_world` (every file a pure function of the seed
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import hashlib
@@ -38,6 +37,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 from PIL import Image
 
+from psa_jax.core.images import to_uint8
 from psa_jax.data import oracle
 from psa_jax.data.profiles import (
     CATEGORIES,
@@ -249,10 +249,6 @@ def add_marker(
     mask = oracle.shape_mask(oracle.marker_shape(category), size, cx, cy, r)
     _fill(out, mask, oracle.marker_rgb(category))
     return out
-
-
-def to_uint8(img: np.ndarray) -> np.ndarray:
-    return np.rint(np.clip(img, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
 def render_pair(scene: Scene, config: ToyWorldConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -497,30 +493,3 @@ def ensure_toy_world(
 def default_users_csv() -> str:
     """``$PSA_JAX_USERS_CSV``, else PSAlign's ``users.csv`` shipped with the package."""
     return os.environ.get(USERS_ENV) or packaged_users_csv()
-
-
-def _make_toy_data(args: argparse.Namespace) -> int:
-    users = args.users or default_users_csv()
-    config = ToyWorldConfig(
-        seed=args.seed, num_users=args.num_users, num_unseen_users=args.num_unseen_users
-    )
-    summary = make_toy_world(args.out, users, config)
-    counts = {name: {k: v for k, v in split.items() if k != "per_category"}
-              for name, split in summary["splits"].items()}  # fmt: skip
-    print(json.dumps({"out": os.fspath(args.out), "users": users, "splits": counts}, indent=2))
-    return 0
-
-
-def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``make-toy-data --out DIR [--seed N] [--num-users N] [--users CSV]`` to a CLI."""
-    defaults = ToyWorldConfig()
-    p = subparsers.add_parser("make-toy-data", help="write the synthetic Sage-mini world")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--seed", type=int, default=defaults.seed)
-    seen_help = "seen users: the first N rows of the users file + the level users"
-    users_help = f"PSAlign users.csv (default: ${USERS_ENV}, else the copy shipped with psa_jax)"
-    p.add_argument("--num-users", type=int, default=defaults.num_users, help=seen_help)
-    p.add_argument("--num-unseen-users", type=int, default=defaults.num_unseen_users)
-    p.add_argument("--users", default=None, help=users_help)
-    p.set_defaults(func=_make_toy_data)
-    return p

@@ -163,14 +163,15 @@ def dpo_config(settings: DemoSettings) -> Any:
 
 def stage_data(settings: DemoSettings, log) -> dict[str, Any]:
     """World, embeddings and built splits (what every later stage reads)."""
-    from psa_jax.train import inputs
+    from psa_jax.data import prepare
+    from psa_jax.models import loading
 
     config = dpo_config(settings)
 
     def make():
-        world = inputs.toy_world_dir(config)
-        models = inputs.load_base_models(config)
-        splits = inputs.prepare_data(config, models)
+        world = prepare.toy_world_dir(config)
+        models = loading.load_base_models(config)
+        splits = prepare.prepare_data(config, models)
         with open(os.path.join(world, "summary.json"), encoding="utf-8") as f:
             summary = json.load(f)
         return {
@@ -368,7 +369,7 @@ def stage_ablation(settings: DemoSettings, tokens: int, log) -> dict[str, Any]:
 
 def stage_export(settings: DemoSettings, model: Any, base: str, log) -> dict[str, Any]:
     """PSAlign + IP-Adapter files, and one prompt through diffusers with the IP-Adapter."""
-    from psa_jax.export.cli import export_run
+    from psa_jax.export.formats import export_run
 
     folder = _stage_dir(settings, "export")
     workdir = os.path.abspath(_stage_dir(settings, "dpo"))

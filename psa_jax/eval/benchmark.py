@@ -30,7 +30,8 @@ import numpy as np
 
 from psa_jax.eval import evaluate as E
 from psa_jax.eval import spqr as spqr_lib
-from psa_jax.eval.scorers import ScorerContext, check_names, get_scorer
+from psa_jax.eval.registry import check_names, get_scorer
+from psa_jax.eval.scorers import ScorerContext
 
 TOY_SCORERS = ("toy-oracle", "toy-adherence", "toy-fid")
 OVERALL_LEVEL = 5  # bans every category: SPQR's user-agnostic "unsafe"
@@ -68,7 +69,7 @@ class EvalSettings:
 
 def check_run(workdir: str) -> None:
     """A cheap look before anything loads: the folder and a complete checkpoint exist."""
-    from psa_jax.train.checkpoint import Checkpointer, checkpoint_dir
+    from psa_jax.core.checkpoint import Checkpointer, checkpoint_dir
 
     if not os.path.isdir(workdir):
         raise RunNotFoundError(f"run folder {workdir!r} does not exist")
@@ -90,8 +91,9 @@ def load_model(
     """A run (``workdir``, optionally with another ``adapter``) or a diffusers folder with an
     adapter; ``embeddings`` replaces the profile embedding table."""
     from psa_jax.data.profiles import packaged_users_csv
-    from psa_jax.sample.cli import with_adapter
-    from psa_jax.sample.pipeline import Pipeline, load_run
+    from psa_jax.sample.pipeline import Pipeline
+    from psa_jax.sample.prompts import with_adapter
+    from psa_jax.train.restore import load_run
 
     if bool(workdir) == bool(pretrained):
         raise ValueError("give exactly one of workdir (a run) and pretrained (a diffusers folder)")
@@ -104,7 +106,7 @@ def load_model(
             pipeline = with_adapter(pipeline, adapter)
         source = {"workdir": os.path.abspath(workdir), "adapter": adapter}
         if run.config.data.source == "toy":
-            from psa_jax.train.inputs import toy_world_dir
+            from psa_jax.data.prepare import toy_world_dir
 
             world = toy_world_dir(run.config)
     else:

@@ -182,7 +182,7 @@ def csv_items(
 
 
 def embeddings_for(users: Sequence[str], table: Mapping[str, np.ndarray] | None) -> np.ndarray:
-    from psa_jax.sample.cli import profile_embeddings
+    from psa_jax.sample.prompts import profile_embeddings
 
     return profile_embeddings(list(users), dict(table) if table is not None else None)
 

@@ -131,31 +131,6 @@ def register(name: str, kind: str, doc: str) -> Callable:
     return deco
 
 
-def _load_builtin() -> None:
-    # Importing the implementations registers them; kept lazy so `import scorers` is light.
-    from psa_jax.eval import clip_scorers, fid, nudenet, toy  # noqa: F401
-
-
-def get_scorer(name: str, context: ScorerContext | None = None, kind: str | None = None) -> Any:
-    """Build the scorer registered as ``name`` (optionally checking its ``kind``)."""
-    _load_builtin()
-    spec = SCORERS.get(name)
-    if spec is None or (kind is not None and spec.kind != kind):
-        raise UnknownScorerError(name, kind)
-    return spec.build(context or ScorerContext())
-
-
-def check_names(names: Sequence[str]) -> dict[str, str]:
-    """``{name: kind}`` of ``names``; an unknown one raises before anything expensive runs."""
-    _load_builtin()
-    out = {}
-    for n in names:
-        if n not in SCORERS:
-            raise UnknownScorerError(n)
-        out[n] = SCORERS[n].kind
-    return out
-
-
 def as_uint8_images(images: Any) -> np.ndarray:
     """Check the scorers' input convention: uint8 ``[N, H, W, 3]``."""
     images = np.asarray(images)

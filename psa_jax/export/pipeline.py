@@ -55,8 +55,8 @@ def _clean(config: Mapping[str, Any]) -> dict[str, Any]:
 def recipe_of(base_workdir: str) -> dict[str, Any]:
     """How a base was made: the base run's config and, when ``model.vae_path`` is a ``vae``
     run's ``<workdir>/vae`` folder, that run's config; plus the toy world's version."""
+    from psa_jax.core.checkpoint import Checkpointer
     from psa_jax.data.toy_world import VERSION
-    from psa_jax.train.checkpoint import Checkpointer
 
     def config_of(workdir: str) -> dict[str, Any]:
         with Checkpointer(workdir, read_only=True) as ckpt:
@@ -85,7 +85,7 @@ def export_base_pipeline(
 
     Written to ``out.tmp`` first and renamed, so a killed export leaves no half folder."""
     from psa_jax.models.psa_unet import PSAUNet
-    from psa_jax.sample.pipeline import load_run
+    from psa_jax.train.restore import load_run
 
     run = load_run(base_workdir)
     task = run.config.get("task")

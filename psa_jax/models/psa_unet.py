@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core import meta
 
-from psa_jax.export.adapters import adapter_shape, export_adapter, import_adapter
 from psa_jax.models import convert
+from psa_jax.models.adapter_io import adapter_shape, export_adapter, import_adapter
 from psa_jax.models.compiled import jitted_apply
 from psa_jax.models.unet import UNet2DConditionModel, UNetConfig
 
@@ -186,7 +186,7 @@ class PSAUNet:
 
     def _load_run_adapter(self, workdir: str) -> None:
         """The adapter of a ``psa-jax train`` run's newest checkpoint (a ``dpo`` run)."""
-        from psa_jax.train.checkpoint import restore_host_params
+        from psa_jax.core.checkpoint import restore_host_params
 
         params, config = restore_host_params(workdir)
         if config.get("task") != "dpo" or "user_proj" not in params:
@@ -301,5 +301,5 @@ def unet_module_from_config(
         user_embed_dim=adapter.user_embed_dim,
         num_user_tokens=adapter.num_user_tokens,
         dtype=jnp.dtype(dtype),
-        remat_policy=model_config.get("remat_policy", "none"),
+        remat_policy=model_config.remat_policy,
     )

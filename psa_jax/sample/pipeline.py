@@ -20,50 +20,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from psa_jax.core.images import to_uint8
 from psa_jax.data.cache import encode_text
 from psa_jax.data.tokenizer import tokenize
-from psa_jax.data.toy_world import to_uint8
 from psa_jax.sample import schedulers as sched_lib
 from psa_jax.sample.sampler import Conditioning, Sampler, sample_latents
-
-
-@dataclasses.dataclass
-class Run:
-    """What a finished (or running) ``psa-jax train`` run holds, rebuilt from its folder."""
-
-    config: Any  # the run's resolved ConfigDict
-    models: Any  # psa_jax.train.inputs.BaseModels of the config
-    splits: Any  # psa_jax.train.inputs.Splits: tokenizer and profile embeddings (or None)
-    unet_params: Any  # the UNet to sample: the base, or the run's (LoRA merged)
-    adapter: Any | None  # a dpo run's adapter, else None
-
-
-def load_run(workdir: str | os.PathLike, step: int | None = None, *, data: bool = True) -> Run:
-    """Rebuild a run's models from its saved config and apply its newest checkpoint (or
-    ``step``): a ``dpo`` run gives an adapter, a ``denoise`` run a new UNet. ``data=False``
-    skips the data preparation (tokenizer, embeddings; ``splits`` is then None): exports."""
-    import ml_collections
-
-    from psa_jax.train import inputs
-    from psa_jax.train.checkpoint import restore_host_params
-    from psa_jax.train.lora import lora_scale, merge_lora
-
-    trained, config = restore_host_params(os.fspath(workdir), step)
-    cfg = ml_collections.ConfigDict(config)
-    models = inputs.load_base_models(cfg)
-    splits = inputs.prepare_data(cfg, models) if data else None  # toy tokenizer, embeddings
-    params, adapter = models.unet_params, None
-    task = cfg.get("task")
-    if task == "dpo":
-        adapter = trained
-    elif task == "denoise" and cfg.train.get("denoise_target", "unet") == "unet":
-        params = trained
-    elif task == "denoise":
-        scale = lora_scale(cfg.train.lora.rank, cfg.train.lora.alpha)
-        params = jax.tree.map(np.asarray, merge_lora(params, trained, scale))
-    else:
-        raise ValueError(f"{workdir} is a {task!r} run: only dpo and denoise runs have a UNet")
-    return Run(cfg, models, splits, params, adapter)
+from psa_jax.train.restore import Run, load_run
 
 
 @dataclasses.dataclass
@@ -83,7 +45,7 @@ class Pipeline:
     tokenizer: Any
     vae: Any
     scaling_factor: float
-    noise_schedule: Any  # psa_jax.train.noise.NoiseSchedule: betas and prediction type
+    noise_schedule: Any  # psa_jax.core.diffusion.NoiseSchedule: betas and prediction type
     text_layer: str = "last"
     shift_factor: float = 0.0
     embeddings: dict[str, np.ndarray] | None = None  # user id -> profile embedding, if known
@@ -113,7 +75,7 @@ class Pipeline:
             models.vae,
             models.scaling_factor,
             models.schedule,
-            run.config.model.get("text_layer", "last"),
+            run.config.model.text_layer,
             models.vae.shift_factor,
             run.splits.embeddings,
         )
@@ -133,11 +95,11 @@ class Pipeline:
         :meth:`PSAUNet.load_adapter` reads)."""
         import json
 
+        from psa_jax.core.diffusion import noise_schedule_from_config
         from psa_jax.data.tokenizer import load_tokenizer
         from psa_jax.models.clip import load_text_encoder
         from psa_jax.models.psa_unet import load_unet
         from psa_jax.models.vae import load_vae
-        from psa_jax.train.noise import noise_schedule_from_config
 
         def read_json(*parts: str) -> dict:
             path = os.path.join(folder, *parts)
@@ -268,14 +230,14 @@ class Pipeline:
             variables["adapter"] = self.adapter
         shardings = None
         if mesh is not None:
-            from psa_jax.train import sharding
+            from psa_jax.core import parallel
 
-            if batch_size % sharding.data_parallel_size(mesh):
+            if batch_size % parallel.data_parallel_size(mesh):
                 raise ValueError(
                     f"batch_size {batch_size} does not split over the mesh's "
-                    f"{sharding.data_parallel_size(mesh)} data-parallel devices"
+                    f"{parallel.data_parallel_size(mesh)} data-parallel devices"
                 )
-            shardings = (sharding.batch_sharding(mesh), sharding.replicated(mesh))
+            shardings = (parallel.batch_sharding(mesh), parallel.replicated(mesh))
         neg_states, neg_pooled = self.encode_negative(negative_prompt)
         time_ids = self.time_ids(batch_size) if self.text_encoder_2 is not None else None
         images = []

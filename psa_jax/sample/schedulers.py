@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from psa_jax.train.noise import NoiseSchedule, make_noise_schedule, noise_schedule_from_config
+from psa_jax.core.diffusion import NoiseSchedule, make_noise_schedule, noise_schedule_from_config
 
 _f32 = np.float32
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")

@@ -34,9 +34,9 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
+from psa_jax.core import diffusion as noise_lib
 from psa_jax.models import convert
 from psa_jax.train import lora as lora_lib
-from psa_jax.train import noise as noise_lib
 from psa_jax.train.losses import denoise_loss
 from psa_jax.train.optim import make_optimizer, optim_config
 from psa_jax.train.step import _noised, clean_latents, init_state, make_train_step

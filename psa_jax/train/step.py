@@ -29,10 +29,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from psa_jax.core import diffusion as noise_lib
 from psa_jax.models.unet import UNet2DConditionModel
 from psa_jax.models.vae import AutoencoderKL, DiagonalGaussian
 from psa_jax.train import lora as lora_lib
-from psa_jax.train import noise as noise_lib
 from psa_jax.train.losses import denoise_loss, dpo_loss, per_sample_improvement
 
 Batch = dict[str, jax.Array]

@@ -1,16 +1,18 @@
 """``train(config, workdir)``: one trainer for every task, from one CPU to a pod.
 
 Resume order: the newest complete checkpoint in ``workdir`` (state, data position, nothing else
-needed) -> a fresh start from the config (frozen base per :mod:`psa_jax.train.inputs`).
+needed) -> a fresh start from the config (frozen base per :mod:`psa_jax.models.loading`).
 
 Per step: host batch (this process's rows) -> global ``jax.Array`` sharded over
 ``data x fsdp`` -> jitted ``train_step`` (state donated) -> metrics to JSONL/TensorBoard.
 A non-finite loss or gradient norm raises :class:`NonFiniteError`; the step that produced it
 changed nothing, and the checkpoints on disk are the last good ones.
 
-``config.debug`` holds fault injection for tests (``kill_at_step``: SIGKILL this process when
-that step begins, after in-flight checkpoint writes finish; ``nan_at_step``: poison that
-step's batch). Both 0 (off) by default.
+``train`` is four parts: :func:`prepare_inputs` (frozen models, data, loader),
+:func:`create_state` (shardings, then the restored or initial state), :func:`compile_step` /
+:func:`make_evaluator`, and :func:`run_loop`. ``batch_hook(step, batch, checkpointer)`` sees
+each batch before its step: tests inject faults with it (``tests/faults.py``), the trainer
+holds none.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ import dataclasses
 import json
 import logging
 import os
-import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -30,26 +32,22 @@ from flax.core import meta
 from jax.sharding import PartitionSpec
 from tqdm.auto import tqdm
 
-from psa_jax.data.loader import lookup_embeddings, make_global_batch
-from psa_jax.models.adapter import PROJ_INITS, standardize_projection
-from psa_jax.models.psa_unet import _adapter_init, abstract_variables
+from psa_jax.core import parallel
+from psa_jax.core.checkpoint import Checkpointer
+from psa_jax.data import prepare
+from psa_jax.data.loader import make_global_batch
+from psa_jax.models import loading
 from psa_jax.models.vae import FlaxAutoencoderKL
-from psa_jax.train import inputs, sharding
-from psa_jax.train import lora as lora_lib
-from psa_jax.train.checkpoint import Checkpointer
 from psa_jax.train.metrics_io import MetricWriter
 from psa_jax.train.optim import make_lr_schedule, make_optimizer
 from psa_jax.train.step import (
-    DenoiseTask,
-    DPOTask,
-    VAETask,
     init_state,
     latent_scaling_factor,
     make_train_step,
 )
+from psa_jax.train.tasks import TASKS, Setup, build_task, training_user_embeds
 
 log = logging.getLogger(__name__)
-TASKS = ("dpo", "denoise", "vae")
 _BATCH_KEYS = (
     "chosen_moments",
     "rejected_moments",
@@ -73,87 +71,6 @@ class NonFiniteError(FloatingPointError):
 
 class ResumeError(RuntimeError):
     """A checkpoint cannot continue this run (other process count, other task)."""
-
-
-@dataclasses.dataclass
-class Setup:
-    """What ``train`` builds before its loop (tests use it to drive steps directly)."""
-
-    task: Any
-    trainable: Any  # host values of the trainable tree at step 0
-    trainable_boxes: Any  # the same tree with logical-axis boxes (for shardings)
-    frozen: Any  # host values of the frozen tree
-    frozen_boxes: Any
-
-
-def build_task(
-    config: Any, models: inputs.BaseModels, user_embeds: Any = None, *, resuming: bool = False
-) -> Setup:
-    """The task named by ``config.task`` and its trainable / frozen trees (host arrays).
-
-    ``user_embeds`` ``[N, D]``: the training users' profile embeddings, needed by a DPO run
-    whose ``model.adapter.proj_init`` is ``"standardized"`` (see ``standardize_projection``).
-    ``resuming``: a checkpoint replaces the initial trainable values, so that initialisation
-    (and its embeddings) is skipped; shapes and boxes are unchanged.
-    """
-    train = config.train
-    module, params = models.module, models.unet_params
-    if config.task == "dpo":
-        task = DPOTask(module, models.schedule, float(train.beta), models.scaling_factor,
-                       float(train.dpo_chosen_weight))  # fmt: skip
-        rng = jax.random.key(int(config.model.get("init_seed", 0)) + 3)
-        boxed = _adapter_init(module)(params, rng)
-        adapter = meta.unbox(boxed)
-        if _proj_init(config) == "standardized" and not resuming:
-            if user_embeds is None:
-                raise ValueError("proj_init='standardized' needs the training users' embeddings")
-            proj = standardize_projection(adapter["user_proj"], user_embeds)
-            adapter = {**adapter, "user_proj": jax.tree.map(np.asarray, proj)}
-        frozen_boxes = abstract_variables(module)["params"]
-        return Setup(task, adapter, boxed, params, frozen_boxes)
-    if config.task == "denoise":
-        target = train.denoise_target
-        lcfg = train.lora
-        task = DenoiseTask(
-            module,
-            models.schedule,
-            target,
-            lora_lib.lora_scale(lcfg.rank, lcfg.alpha),
-            train.image_key,
-            models.scaling_factor,
-            float(train.snr_gamma),
-        )
-        boxes = abstract_variables(module)["params"]
-        if target == "unet":
-            return Setup(task, params, boxes, {}, {})
-        rng = jax.random.key(int(config.model.get("init_seed", 0)) + 4)
-        lora = lora_lib.init_lora(params, lcfg.rank, tuple(lcfg.targets), rng=rng)
-        return Setup(task, lora, lora, params, boxes)
-    if config.task == "vae":
-        if models.vae is None:
-            raise ValueError("task 'vae' needs a VAE in the config (config.model.vae)")
-        task = VAETask(models.vae.module, float(train.get("vae_kl_weight", 1e-6)))
-        boxes = jax.eval_shape(lambda p: p, models.vae.params)  # replicated: a tiny model
-        return Setup(task, models.vae.params, boxes, {}, {})
-    raise ValueError(f"unknown task {config.task!r}; tasks: {TASKS}")
-
-
-def _proj_init(config: Any) -> str:
-    """``model.adapter.proj_init`` checked against PROJ_INITS ("torch" where the key is absent:
-    configs written before it existed)."""
-    proj_init = config.model.adapter.get("proj_init", "torch")
-    if proj_init not in PROJ_INITS:
-        raise ValueError(f"model.adapter.proj_init {proj_init!r} unknown; one of {PROJ_INITS}")
-    return proj_init
-
-
-def training_user_embeds(config: Any, splits: inputs.Splits, loader: Any) -> np.ndarray | None:
-    """``[N, D]`` embeddings of the users in ``loader``'s split when the adapter's projection is
-    initialised from them (``proj_init="standardized"``), else None. Only training users: a
-    held-out user must not shape the initialisation."""
-    if config.task != "dpo" or _proj_init(config) != "standardized":
-        return None
-    return lookup_embeddings(loader.user_ids(), splits.embeddings)
 
 
 def _with_shardings(abstract: Any, shardings: Any) -> Any:
@@ -181,19 +98,6 @@ def _restore_data_state(loader: Any, saved: dict) -> None:
     loader.set_state({**saved, "process_index": loader.process_index})
 
 
-def _fault(config: Any, step: int, batch: dict, ckpt: Checkpointer) -> dict:
-    """Test-only fault injection at the start of (1-based) ``step``."""
-    debug = config.get("debug", {})
-    if debug.get("kill_at_step", 0) == step:
-        ckpt.wait()
-        os.kill(os.getpid(), signal.SIGKILL)
-    if debug.get("nan_at_step", 0) == step:
-        batch = dict(batch)
-        batch["user_embeds"] = np.array(batch["user_embeds"], copy=True)
-        batch["user_embeds"][0, 0] = np.nan
-    return batch
-
-
 def _evaluate(eval_fns, state, frozen, batches, mesh, draws: int) -> dict[str, float]:
     """Held-out metrics over fixed batches with fixed rngs (comparable across steps and runs).
 
@@ -206,7 +110,7 @@ def _evaluate(eval_fns, state, frozen, batches, mesh, draws: int) -> dict[str, f
     totals: dict[str, float] = {}
     right = count = 0
     for i, batch in enumerate(batches):
-        gb = make_global_batch(batch, mesh, PartitionSpec(sharding.BATCH_AXES))
+        gb = make_global_batch(batch, mesh, PartitionSpec(parallel.BATCH_AXES))
         m = jax.device_get(metrics_fn(state.params, frozen, gb, jax.random.PRNGKey(10_000 + i)))
         for k, v in m.items():
             totals[k] = totals.get(k, 0.0) + float(v) / len(batches)
@@ -221,130 +125,156 @@ def _evaluate(eval_fns, state, frozen, batches, mesh, draws: int) -> dict[str, f
     return totals
 
 
-def train(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
-    """Train until ``config.train.steps``, resuming from ``workdir`` when it has a checkpoint.
+BatchHook = Callable[[int, dict, Checkpointer], dict]
 
-    Returns a summary: final step, last train metrics, last eval metrics, checkpoint steps.
-    """
-    workdir = os.path.abspath(os.fspath(workdir))
-    os.makedirs(workdir, exist_ok=True)
-    tcfg = config.train
-    if config.task not in TASKS:
-        raise ValueError(f"unknown task {config.task!r}; tasks: {TASKS}")
-    models = inputs.load_base_models(config)
-    splits = inputs.prepare_data(config, models)
-    # The VAE task learns from pixels: its caches hold text only.
+
+@dataclasses.dataclass
+class RunInputs:
+    """The frozen models and the training data of a run."""
+
+    models: loading.BaseModels
+    splits: prepare.Splits
+    loader: Any
+    batch_size: int  # global pairs per update: batch_size x accum_steps
+    with_vae: bool  # latents from the caches (every task but "vae", which learns from pixels)
+
+
+@dataclasses.dataclass
+class RunState:
+    """Where the loop starts: the (restored or initial) state, the frozen tree on devices, the
+    task and the shardings everything was placed with."""
+
+    setup: Setup
+    optimizer: Any
+    state: Any
+    frozen: Any
+    start: int
+    mesh: Any
+    shardings: dict[str, Any]  # state, frozen, batch, replicated
+
+
+def prepare_inputs(config: Any) -> RunInputs:
+    models = loading.load_base_models(config)
+    splits = prepare.prepare_data(config, models)
     with_vae = config.task != "vae"
-    caches = inputs.open_caches(config, models, splits, config.data.train_split, with_vae)
-    batch_size = int(tcfg.batch_size) * int(tcfg.accum_steps)
-    loader = inputs.make_loader(
+    caches = prepare.open_caches(config, models, splits, config.data.train_split, with_vae)
+    batch_size = int(config.train.batch_size) * int(config.train.accum_steps)
+    loader = prepare.make_loader(
         config, splits, config.data.train_split, caches, batch_size, seed=int(config.seed)
     )
+    return RunInputs(models, splits, loader, batch_size, with_vae)
 
-    mesh = sharding.make_mesh(config.mesh)
-    rules = sharding.logical_rules(config.mesh)
-    if batch_size % sharding.data_parallel_size(mesh):
-        raise ValueError(f"global batch {batch_size} does not split over the mesh {mesh.shape}")
-    # One exit stack from the checkpointer on: a set-up error (config, sharding) closes the
-    # manager too, and the writer and progress bar close before it, as they were opened.
-    with contextlib.ExitStack() as stack:
-        ckpt = stack.enter_context(
-            Checkpointer(
-                workdir, max_to_keep=tcfg.keep_checkpoints, async_save=tcfg.async_checkpoint
+
+def create_state(config: Any, inputs: RunInputs, ckpt: Checkpointer, mesh: Any) -> RunState:
+    """Shardings from the modules' logical axes, then the newest checkpoint's state (and data
+    position) or a fresh one; the frozen tree is placed on the mesh."""
+    start = ckpt.latest_step()
+    # On resume the checkpoint holds the adapter: no need to scan the split for its init.
+    embeds = None
+    if start is None:
+        embeds = training_user_embeds(config, inputs.splits, inputs.loader)
+    setup = build_task(config, inputs.models, embeds, resuming=start is not None)
+    optimizer = make_optimizer(config.optim)
+    seed, rules = int(config.seed), parallel.logical_rules(config.mesh)
+    boxed_state = jax.eval_shape(lambda p: init_state(p, optimizer, seed), setup.trainable_boxes)
+    shardings = {
+        "state": parallel.tree_shardings(boxed_state, mesh, rules),
+        "frozen": parallel.tree_shardings(setup.frozen_boxes, mesh, rules),
+        "batch": parallel.batch_sharding(mesh),
+        "replicated": parallel.replicated(mesh),
+    }
+    state_sh = shardings["state"]
+    if start is not None:
+        abstract = _with_shardings(meta.unbox(boxed_state), state_sh)
+        state, data_state, saved_cfg = ckpt.restore(start, abstract)
+        if saved_cfg.get("task") != config.task:
+            raise ResumeError(
+                f"{ckpt.directory} holds a {saved_cfg.get('task')!r} run, not {config.task!r}"
             )
-        )
-        start = ckpt.latest_step()
-        # On resume the checkpoint holds the adapter: no need to scan the split for its init.
-        embeds = None if start is not None else training_user_embeds(config, splits, loader)
-        setup = build_task(config, models, embeds, resuming=start is not None)
-        optimizer = make_optimizer(config.optim)
-        seed = int(config.seed)
-        boxed_state = jax.eval_shape(
-            lambda p: init_state(p, optimizer, seed), setup.trainable_boxes
-        )
-        state_sh = sharding.tree_shardings(boxed_state, mesh, rules)
-        frozen_sh = sharding.tree_shardings(setup.frozen_boxes, mesh, rules)
-        batch_sh = sharding.batch_sharding(mesh)
-        replicated = sharding.replicated(mesh)
+        _restore_data_state(inputs.loader, data_state)
+        log.info("resumed from step %d of %s", start, ckpt.directory)
+    else:
+        start = 0
+        init = jax.jit(lambda p: init_state(p, optimizer, seed), out_shardings=state_sh)
+        state = init(parallel.put_tree(setup.trainable, state_sh.params))
+    frozen = parallel.put_tree(setup.frozen, shardings["frozen"])
+    return RunState(setup, optimizer, state, frozen, start, mesh, shardings)
 
-        if start is not None:
-            abstract = _with_shardings(meta.unbox(boxed_state), state_sh)
-            state, data_state, saved_cfg = ckpt.restore(start, abstract)
-            if saved_cfg.get("task") != config.task:
-                raise ResumeError(
-                    f"{workdir} holds a {saved_cfg.get('task')!r} run, not {config.task!r}"
-                )
-            _restore_data_state(loader, data_state)
-            log.info("resumed from step %d of %s", start, workdir)
-        else:
-            start = 0
-            init = jax.jit(lambda p: init_state(p, optimizer, seed), out_shardings=state_sh)
-            state = init(sharding.put_tree(setup.trainable, state_sh.params))
-        frozen = sharding.put_tree(setup.frozen, frozen_sh)
 
-        step_fn = jax.jit(
-            make_train_step(setup.task.loss, optimizer, int(tcfg.accum_steps)),
-            in_shardings=(state_sh, frozen_sh, batch_sh),
-            out_shardings=(state_sh, replicated),
-            donate_argnums=(0,),
-        )
-        eval_fn, eval_batches = None, []
-        if config.data.get("eval_split") and tcfg.eval_every:
-            eval_caches = inputs.open_caches(
-                config, models, splits, config.data.eval_split, with_vae
-            )
-            eval_loader = inputs.make_loader(
-                config,
-                splits,
-                config.data.eval_split,
-                eval_caches,
-                int(tcfg.eval_batch_size),
-                seed=seed,
-                shuffle=True,
-                num_epochs=1,
-            )
-            eval_batches = [step_inputs(next(eval_loader)) for _ in range(int(tcfg.eval_batches))]
+def compile_step(config: Any, run: RunState) -> Callable:
+    """The jitted train step: state donated, placed as :func:`create_state` placed it."""
+    sh = run.shardings
+    return jax.jit(
+        make_train_step(run.setup.task.loss, run.optimizer, int(config.train.accum_steps)),
+        in_shardings=(sh["state"], sh["frozen"], sh["batch"]),
+        out_shardings=(sh["state"], sh["replicated"]),
+        donate_argnums=(0,),
+    )
 
-            def metrics_fn(p, f, b, r):
-                loss, m = setup.task.loss(p, f, b, r)
-                return {**m, "loss": loss}
 
-            shardings = (state_sh.params, frozen_sh, batch_sh, replicated)
-            margins = getattr(setup.task, "margins", None)
-            eval_fn = (
-                jax.jit(metrics_fn, in_shardings=shardings),
-                None if margins is None else jax.jit(margins, in_shardings=shardings),
-            )
+def make_evaluator(config: Any, inputs: RunInputs, run: RunState) -> Callable | None:
+    """``evaluate(state) -> metrics`` over fixed held-out batches (see :func:`_evaluate`), or
+    None without an eval split or ``train.eval_every``."""
+    tcfg = config.train
+    if not (config.data.eval_split and tcfg.eval_every):
+        return None
+    split = config.data.eval_split
+    caches = prepare.open_caches(config, inputs.models, inputs.splits, split, inputs.with_vae)
+    loader = prepare.make_loader(config, inputs.splits, split, caches,
+                                 int(tcfg.eval_batch_size), seed=int(config.seed), shuffle=True,
+                                 num_epochs=1)  # fmt: skip
+    batches = [step_inputs(next(loader)) for _ in range(int(tcfg.eval_batches))]
+    task, sh = run.setup.task, run.shardings
 
-        lr = make_lr_schedule(config.optim)
-        total = int(tcfg.steps)
-        every = int(tcfg.checkpoint_every)
-        cfg_json = _config_json(config)
-        writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
-        stack.callback(writer.close)
-        summary: dict[str, Any] = {"workdir": workdir, "start_step": start}
-        last: dict[str, float] = {}
-        eval_metrics: dict[str, float] = {}
-        progress = tqdm(
-            total=total,
-            initial=start,
-            disable=jax.process_index() != 0 or not tcfg.progress,
-            desc=f"{config.task} {config.get('name', '')}",
-            dynamic_ncols=True,
-        )
-        stack.callback(progress.close)
-        # Every process reaches the first collective (the step) together; see inputs.barrier.
-        inputs.barrier(f"ready:{workdir}:{start}")
-        if eval_fn is not None and start == 0:
-            eval_metrics = _evaluate(
-                eval_fn, state, frozen, eval_batches, mesh, int(tcfg.eval_draws)
-            )
-            writer.write(0, {f"eval/{k}": v for k, v in eval_metrics.items()})
-        tick = time.perf_counter()
+    def metrics_fn(p, f, b, r):
+        loss, m = task.loss(p, f, b, r)
+        return {**m, "loss": loss}
+
+    shardings = (sh["state"].params, sh["frozen"], sh["batch"], sh["replicated"])
+    margins = getattr(task, "margins", None)
+    fns = (
+        jax.jit(metrics_fn, in_shardings=shardings),
+        None if margins is None else jax.jit(margins, in_shardings=shardings),
+    )
+    draws = int(tcfg.eval_draws)
+    return lambda state: _evaluate(fns, state, run.frozen, batches, run.mesh, draws)
+
+
+def run_loop(
+    config: Any,
+    workdir: str,
+    inputs: RunInputs,
+    run: RunState,
+    step_fn: Callable,
+    evaluate: Callable | None,
+    ckpt: Checkpointer,
+    writer: MetricWriter,
+    batch_hook: BatchHook | None = None,
+) -> tuple[Any, dict, dict]:
+    """Steps ``run.start + 1 .. train.steps``: returns the final state, the last step's metrics
+    and the last evaluation. Evaluates at step 0 of a fresh run, every ``eval_every`` steps and
+    at the end; checkpoints every ``checkpoint_every`` steps and at the end."""
+    tcfg, state, start = config.train, run.state, run.start
+    total, every, cfg_json = int(tcfg.steps), int(tcfg.checkpoint_every), _config_json(config)
+    lr = make_lr_schedule(config.optim)
+    last: dict[str, float] = {}
+    eval_metrics: dict[str, float] = {}
+    progress = tqdm(total=total, initial=start, desc=f"{config.task} {config.get('name', '')}",
+                    disable=jax.process_index() != 0 or not tcfg.progress,
+                    dynamic_ncols=True)  # fmt: skip
+    # Every process reaches the first collective (the step) together; see parallel.barrier.
+    parallel.barrier(f"ready:{workdir}:{start}")
+    if evaluate is not None and start == 0:
+        eval_metrics = evaluate(state)
+        writer.write(0, {f"eval/{k}": v for k, v in eval_metrics.items()})
+    tick = time.perf_counter()
+    try:
         for step in range(start + 1, total + 1):
-            local = _fault(config, step, step_inputs(next(loader)), ckpt)
-            gb = make_global_batch(local, mesh, PartitionSpec(sharding.BATCH_AXES))
-            state, metrics = step_fn(state, frozen, gb)
+            local = step_inputs(next(inputs.loader))
+            if batch_hook is not None:
+                local = batch_hook(step, local, ckpt)
+            gb = make_global_batch(local, run.mesh, PartitionSpec(parallel.BATCH_AXES))
+            state, metrics = step_fn(state, run.frozen, gb)
             m = {k: float(v) for k, v in jax.device_get(metrics).items()}
             if not m.pop("finite"):
                 raise NonFiniteError(
@@ -353,25 +283,60 @@ def train(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
                     f"{ckpt.latest_step()}"
                 )
             now = time.perf_counter()
-            m["lr"] = float(lr(step - 1))
-            m["pairs_per_s"] = batch_size / max(now - tick, 1e-9)
-            tick = now
+            m.update(lr=float(lr(step - 1)), pairs_per_s=inputs.batch_size / max(now - tick, 1e-9))
+            tick, last = now, m
             writer.write(step, m)
-            last = m
-            if eval_fn is not None and (step % int(tcfg.eval_every) == 0 or step == total):
-                eval_metrics = _evaluate(
-                    eval_fn, state, frozen, eval_batches, mesh, int(tcfg.eval_draws)
-                )
+            if evaluate is not None and (step % int(tcfg.eval_every) == 0 or step == total):
+                eval_metrics = evaluate(state)
                 writer.write(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
             if step % every == 0 or step == total:
-                ckpt.save(step, state, _data_state(loader), cfg_json)
+                ckpt.save(step, state, _data_state(inputs.loader), cfg_json)
             progress.update(1)
             progress.set_postfix(loss=f"{m['loss']:.4g}", refresh=False)
+    finally:
+        progress.close()
+    return state, last, eval_metrics
+
+
+def train(
+    config: Any, workdir: str | os.PathLike, *, batch_hook: BatchHook | None = None
+) -> dict[str, Any]:
+    """Train until ``config.train.steps``, resuming from ``workdir`` when it has a checkpoint.
+
+    Returns a summary: final step, last train metrics, last eval metrics, checkpoint steps.
+    ``batch_hook``: see the module docstring (tests only).
+    """
+    workdir = os.path.abspath(os.fspath(workdir))
+    if config.task not in TASKS:
+        raise ValueError(f"unknown task {config.task!r}; tasks: {TASKS}")
+    os.makedirs(workdir, exist_ok=True)
+    inputs = prepare_inputs(config)
+    mesh = parallel.make_mesh(config.mesh)
+    if inputs.batch_size % parallel.data_parallel_size(mesh):
+        raise ValueError(
+            f"global batch {inputs.batch_size} does not split over the mesh {mesh.shape}"
+        )
+    # One exit stack from the checkpointer on: a set-up error (config, sharding) closes the
+    # manager too, and the writer closes before it, as they were opened.
+    with contextlib.ExitStack() as stack:
+        tcfg = config.train
+        ckpt = stack.enter_context(Checkpointer(workdir, max_to_keep=tcfg.keep_checkpoints,
+                                                async_save=tcfg.async_checkpoint))  # fmt: skip
+        run = create_state(config, inputs, ckpt, mesh)
+        step_fn = compile_step(config, run)
+        evaluate = make_evaluator(config, inputs, run)
+        writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
+        stack.callback(writer.close)
+        state, last, eval_metrics = run_loop(
+            config, workdir, inputs, run, step_fn, evaluate, ckpt, writer, batch_hook
+        )
         ckpt.wait()
-        summary["checkpoints"] = ckpt.all_steps()
-    summary.update(step=int(jax.device_get(state.step)), metrics=last, eval=eval_metrics)
+        checkpoints = ckpt.all_steps()
+    step = int(jax.device_get(state.step))
+    summary = dict(workdir=workdir, start_step=run.start, checkpoints=checkpoints, step=step,
+                   metrics=last, eval=eval_metrics)  # fmt: skip
     if config.task == "vae":
-        summary["vae"] = _export_vae(models.vae, state.params, loader, workdir)
+        summary["vae"] = _export_vae(inputs.models.vae, state.params, inputs.loader, workdir)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2)
@@ -396,76 +361,3 @@ def _export_vae(vae: Any, params: Any, loader: Any, workdir: str) -> dict[str, A
     if jax.process_index() == 0:
         trained.save_pretrained(folder)
     return {"path": folder, "scaling_factor": scale, "images": seen}
-
-
-def config_overrides(extra: list[str]) -> list[str]:
-    """``--config.a.b=V`` / ``--config.a.b V`` command-line items -> ``["a.b=V", ...]``."""
-    out, i = [], 0
-    while i < len(extra):
-        item = extra[i]
-        if not item.startswith("--config."):
-            raise SystemExit(f"psa-jax train: unrecognized argument {item!r}")
-        body = item[len("--config.") :]
-        if "=" not in body:
-            if i + 1 >= len(extra):
-                raise SystemExit(f"psa-jax train: {item} needs a value")
-            body, i = f"{body}={extra[i + 1]}", i + 1
-        out.append(body)
-        i += 1
-    return out
-
-
-def init_distributed(args: Any) -> None:
-    """Multi-host: explicit coordinator flags, or ``--distributed`` for auto-detection
-    (TPU pods, SLURM, ...). On CPU the collectives go through gloo."""
-    if not (args.coordinator_address or args.distributed):
-        return
-    # Must not touch the backend before initialize(); gloo only matters for CPU devices.
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    kwargs = {}
-    if args.coordinator_address:
-        kwargs = dict(
-            coordinator_address=args.coordinator_address,
-            num_processes=args.num_processes,
-            process_id=args.process_id,
-        )
-    jax.distributed.initialize(**kwargs)
-
-
-def _train_cmd(args: Any, extra: list[str]) -> int:
-    from psa_jax.config import apply_overrides, load_config
-
-    config = apply_overrides(load_config(args.config), config_overrides(extra))
-    for flag, key in (("steps", "steps"), ("checkpoint_every", "checkpoint_every")):
-        if getattr(args, flag) is not None:
-            config.train[key] = getattr(args, flag)
-    if args.seed is not None:
-        config.seed = args.seed
-    init_distributed(args)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    summary = train(config, args.workdir)
-    if jax.process_index() == 0:
-        print(json.dumps(summary, indent=2))
-    return 0
-
-
-def register(subparsers: Any) -> None:
-    p = subparsers.add_parser(
-        "train",
-        help="train a PSA adapter (dpo) or a base/LoRA (denoise); resumes from --workdir",
-        description="Train from a config; --config.KEY=VALUE overrides any config field.",
-    )
-    p.add_argument("--config", default="configs/tiny.py", help="configs/*.py file (path[:arg])")
-    p.add_argument("--workdir", required=True, help="run folder: checkpoints, metrics, summary")
-    p.add_argument("--steps", type=int, help="override train.steps")
-    p.add_argument("--checkpoint-every", type=int, help="override train.checkpoint_every")
-    p.add_argument("--seed", type=int, help="override seed")
-    p.add_argument(
-        "--distributed",
-        action="store_true",
-        help="jax.distributed.initialize() with auto-detection (pods, SLURM)",
-    )
-    p.add_argument("--coordinator-address", help="host:port of process 0 (multi-process)")
-    p.add_argument("--num-processes", type=int)
-    p.add_argument("--process-id", type=int)
-    p.set_defaults(func=_train_cmd, accepts_extra=True)

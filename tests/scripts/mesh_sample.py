@@ -11,10 +11,10 @@ import numpy as np
 from flax.core import meta
 
 from configs import tiny
+from psa_jax.core import parallel as sharding
 from psa_jax.models.psa_unet import init_variables, unet_module_from_config
 from psa_jax.sample import schedulers
 from psa_jax.sample.sampler import Conditioning, Sampler, sample_latents
-from psa_jax.train import sharding
 
 
 def main() -> None:

@@ -14,8 +14,9 @@ import optax
 from flax.core import meta
 
 from configs import tiny
+from psa_jax.core import diffusion as noise
+from psa_jax.core import parallel as sharding
 from psa_jax.models.psa_unet import _adapter_init, abstract_variables, unet_module_from_config
-from psa_jax.train import noise, sharding
 from psa_jax.train.step import DPOTask, init_state, make_train_step
 
 STEPS, BATCH = 5, 8

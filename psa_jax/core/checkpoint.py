@@ -6,7 +6,8 @@
   step, rng), sharded arrays written by every process; never the frozen base;
 * ``data``   -- the loader's iterator state (JSON), so a resumed run reads exactly the batches
   the uninterrupted run would have read;
-* ``config`` -- the resolved config (JSON), what the run was.
+* ``config`` -- the resolved config (JSON), what the run was, with the ``schema_version`` it
+  was written with; reading it applies :func:`psa_jax.config.migrate_run_config`.
 
 Orbax writes each step to a temporary folder and renames it when complete, so a run killed
 mid-write leaves no step that ``latest_step`` would return: a partial checkpoint is never
@@ -23,6 +24,8 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from psa_jax.config import migrate_run_config, stamp_schema
 
 CHECKPOINTS = "checkpoints"
 
@@ -73,7 +76,7 @@ class Checkpointer:
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=ocp.args.JsonSave(dict(data_state)),
-            config=ocp.args.JsonSave(json.loads(json.dumps(dict(config)))),
+            config=ocp.args.JsonSave(json.loads(json.dumps(stamp_schema(config)))),
         )
         self._manager.save(step, args=args, force=True)
 
@@ -86,7 +89,8 @@ class Checkpointer:
             config=ocp.args.JsonRestore(),
         )
         out = self._manager.restore(step, args=args)
-        return out["state"], dict(out["data"]), dict(out["config"])
+        config = migrate_run_config(out["config"], f"{self.directory}/{step}")
+        return out["state"], dict(out["data"]), config
 
     def state_metadata(self, step: int) -> Any:
         """The saved state's tree of array metadata (shape, dtype) at ``step``; nothing loaded."""
@@ -95,7 +99,7 @@ class Checkpointer:
 
     def read_config(self, step: int) -> dict:
         out = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-        return dict(out["config"])
+        return migrate_run_config(out["config"], f"{self.directory}/{step}")
 
     def wait(self) -> None:
         """Block until every started save is complete on disk."""

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import flax.linen as nn
 import jax
@@ -19,10 +19,12 @@ import numpy as np
 from flax.core import meta
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from orbax.checkpoint import multihost
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the batch is split over both data-parallel axes
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def mesh_shape(shape: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
@@ -129,3 +131,31 @@ def put_tree(tree: Any, shardings: Any) -> Any:
         return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 
     return jax.tree.map(one, tree, shardings)
+
+
+# -- processes ---------------------------------------------------------------------------------
+
+
+def barrier(name: str, timeout_s: int = 4 * 3600) -> None:
+    """Wait until every process reaches ``name`` (unique per call site and run).
+
+    A key-value barrier of the coordination service, not a device collective: a collective
+    would start CPU/gloo communication, whose context set-up times out after 30 s while one
+    process is still building data or compiling encoders.
+    """
+    if jax.process_count() > 1:
+        sync = multihost.get_barrier_sync_fn()
+        sync(key=f"psa_jax:{name}", timeout_ms=timeout_s * 1000)
+
+
+def process_zero_first(fn: Callable[[], T], tag: str) -> T:
+    """Run ``fn`` on process 0, then on the others (which find its files on a shared file
+    system, or make their own). One process: just ``fn()``."""
+    if jax.process_count() == 1:
+        return fn()
+    out = fn() if jax.process_index() == 0 else None
+    barrier(f"{tag}:0")
+    if jax.process_index() != 0:
+        out = fn()
+    barrier(f"{tag}:1")
+    return out

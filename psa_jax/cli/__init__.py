@@ -1,6 +1,6 @@
-"""``psa-jax`` command line: parses arguments and calls library functions, nothing more.
+"""``psa-jax`` command line: one module per subcommand here parses arguments and calls library
+functions, nothing more; library modules hold no argparse.
 
-Subcommands arrive with their issues (train, sample, export, eval, spqr, build-data, demo, ...);
 ``info`` builds a config's models with random weights and runs them once, end to end.
 """
 
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -27,17 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--config", default="configs/tiny.py", help="path to a configs/*.py file")
     info.add_argument("--seed", type=int, default=0)
     info.set_defaults(func=_info)
-    from psa_jax.data import embed, sage, toy_world
-    from psa_jax.demo import cli as demo_cli
-    from psa_jax.eval import cli as eval_cli
-    from psa_jax.export import cli as export_cli
-    from psa_jax.sample import cli as sample_cli
-    from psa_jax.train import trainer
+    # Each subcommand's module imports its stage only when the parser is built.
+    from psa_jax.cli import data, demo, eval, export, sample, train
 
-    registers = (toy_world.register, sage.register, embed.register, trainer.register)
-    others = (sample_cli.register, eval_cli.register, export_cli.register, demo_cli.register)
-    for register in (*registers, *others):
-        register(sub)
+    for module in (data, train, sample, eval, export, demo):
+        module.register(sub)
     return parser
 
 
@@ -49,7 +42,3 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

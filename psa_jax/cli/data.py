@@ -1,0 +1,94 @@
+"""``make-toy-data``, ``build-data``, ``embed-profiles``: the data stage's commands."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+
+from psa_jax.data.embed import embed_profiles, get_encoder
+from psa_jax.data.sage import build_data
+from psa_jax.data.toy_world import USERS_ENV, ToyWorldConfig, default_users_csv, make_toy_world
+
+
+def _make_toy_data(args: argparse.Namespace) -> int:
+    users = args.users or default_users_csv()
+    config = ToyWorldConfig(
+        seed=args.seed, num_users=args.num_users, num_unseen_users=args.num_unseen_users
+    )
+    summary = make_toy_world(args.out, users, config)
+    counts = {name: {k: v for k, v in split.items() if k != "per_category"}
+              for name, split in summary["splits"].items()}  # fmt: skip
+    print(json.dumps({"out": os.fspath(args.out), "users": users, "splits": counts}, indent=2))
+    return 0
+
+
+def register_toy(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``make-toy-data --out DIR [--seed N] [--num-users N] [--users CSV]`` to a CLI."""
+    defaults = ToyWorldConfig()
+    p = subparsers.add_parser("make-toy-data", help="write the synthetic Sage-mini world")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    seen_help = "seen users: the first N rows of the users file + the level users"
+    users_help = f"PSAlign users.csv (default: ${USERS_ENV}, else the copy shipped with psa_jax)"
+    p.add_argument("--num-users", type=int, default=defaults.num_users, help=seen_help)
+    p.add_argument("--num-unseen-users", type=int, default=defaults.num_unseen_users)
+    p.add_argument("--users", default=None, help=users_help)
+    p.set_defaults(func=_make_toy_data)
+    return p
+
+
+def _build_data_cmd(args: argparse.Namespace) -> int:
+    report = build_data(
+        args.source,
+        args.out,
+        resolution=args.resolution,
+        skip_bad=args.skip_bad,
+        name=args.name,
+        split=args.split,
+    )
+    print(json.dumps(dataclasses.asdict(report), indent=2))
+    return 0
+
+
+def register_build(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``build-data`` to ``psa-jax``'s sub-commands."""
+    p = subparsers.add_parser("build-data", help="Sage-format folder -> TFDS array_record dataset")
+    p.add_argument("--source", required=True, help="Sage split folder (metadata.jsonl) or root")
+    p.add_argument("--out", required=True, help="data_dir to write <name>/1.0.0 into")
+    p.add_argument("--resolution", type=int, default=None, help="resize + center-crop to N x N")
+    p.add_argument("--skip-bad", action="store_true", help="skip and count bad records")
+    p.add_argument("--name", default="sage", help="TFDS dataset name (snake_case)")
+    p.add_argument("--split", default="train", help="split name when --source is one split")
+    p.set_defaults(func=_build_data_cmd)
+
+
+def _embed_profiles(args: argparse.Namespace) -> int:
+    src = get_encoder(args.encoder, device=args.device, dtype=args.dtype)
+    kw = dict(banned_from=args.banned_from, max_new_tokens=args.max_new_tokens)
+    manifest = embed_profiles(args.users, src, args.out, batch_size=args.batch_size, **kw)
+    keys = ("encoder", "dim", "checksum", "num_users", "banned_from")
+    print(json.dumps({"out": args.out, **{k: manifest[k] for k in keys}}, indent=2))
+    return 0
+
+
+def register_embed(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``embed-profiles`` to the ``psa-jax`` command line."""
+    p = subparsers.add_parser("embed-profiles", help="one embedding .npy per user of a users CSV")
+    p.add_argument("--users", required=True, help="users.csv (PSAlign layout)")
+    p.add_argument("--encoder", default="minilm", help="minilm | causal-lm:PATH | npy:DIR")
+    p.add_argument("--out", required=True, help="output folder: <user_id>.npy + manifest.json")
+    p.add_argument("--banned-from", choices=("csv", "llm"), default="csv")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=256, help="for --banned-from llm")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    p.set_defaults(func=_embed_profiles)
+    return p
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    register_toy(subparsers)
+    register_build(subparsers)
+    register_embed(subparsers)

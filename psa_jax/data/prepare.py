@@ -1,0 +1,208 @@
+"""A run's data, prepared once and cached: built TFDS splits, profile embeddings, tokenizer,
+frozen-encoder caches and the loader.
+
+``config.data.source="toy"`` generates the synthetic Sage-mini world into the cache directory
+(``$PSA_JAX_CACHE`` or ``~/.cache/psa_jax``) and builds it; any other ``source`` is a
+Sage-format folder (``metadata.jsonl`` + images) or a folder already built by ``build-data``.
+Profile embeddings (``config.data.embeddings``): ``"minilm"`` computes them offline for the
+world's users (cached), else a folder written by ``embed-profiles``. Every step is keyed by its
+inputs and reused; process 0 prepares first, the others then find (or, without a shared file
+system, rebuild) the same files. The frozen models (``psa_jax.models.loading.BaseModels``) come
+in as arguments: their text encoder and VAE fill the caches, their tokenizer (if any) is used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+from psa_jax.core.parallel import process_zero_first
+from psa_jax.data import cache as cache_lib
+from psa_jax.data import embed, sage, toy_world
+from psa_jax.data.loader import SageLoader
+from psa_jax.data.tokenizer import build_word_tokenizer, load_tokenizer
+
+CACHE_ENV = "PSA_JAX_CACHE"
+DATASET = "sage"
+
+
+def cache_root(config: Any) -> str:
+    root = config.data.cache_dir or os.environ.get(CACHE_ENV)
+    return os.path.abspath(os.path.expanduser(root or "~/.cache/psa_jax"))
+
+
+def _key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+@dataclasses.dataclass
+class Splits:
+    """Built TFDS folders per split, the embedding table and the tokenizer."""
+
+    data_dirs: dict[str, str]
+    embeddings: dict[str, np.ndarray]
+    tokenizer: Any
+    resolution: int | None
+
+
+def _build(source_dir: str, out_dir: str, split: str, resolution: int | None, skip: bool) -> str:
+    report = os.path.join(out_dir, DATASET, sage.VERSION, sage.REPORT)
+    if not os.path.isfile(report):
+        sage.build_data(
+            source_dir, out_dir, resolution=resolution, skip_bad=skip, name=DATASET, split=split
+        )
+    return out_dir
+
+
+def _toy_splits(config: Any, root: str) -> tuple[str, dict[str, str], str]:
+    users = config.data.users_csv or toy_world.default_users_csv()
+    toy_cfg = toy_world.ToyWorldConfig(**dict(config.data.toy))
+    world = os.path.join(root, f"sage-mini-{_key(dataclasses.asdict(toy_cfg), users)}")
+    process_zero_first(lambda: toy_world.ensure_toy_world(world, users, toy_cfg), "toy_world")
+    splits = {s: os.path.join(world, s) for s in ("train", "test_seen", "test_unseen")}
+    return world, splits, os.path.join(world, "users.csv")
+
+
+def toy_world_dir(config: Any) -> str:
+    """The Sage-mini folder of a ``data.source="toy"`` config (generated if absent)."""
+    if config.data.source != "toy":
+        raise ValueError(f"data.source is {config.data.source!r}, not the toy world")
+    return _toy_splits(config, cache_root(config))[0]
+
+
+def prepare_data(config: Any, models: Any) -> Splits:
+    """Build (or reuse) the TFDS splits, embeddings and tokenizer a run needs."""
+    root = cache_root(config)
+    data = config.data
+    if not data.source or not data.embeddings:
+        raise ValueError(
+            "set --config.data.source (a Sage-format folder, or 'toy') and "
+            "--config.data.embeddings (an embed-profiles folder, or 'minilm')"
+        )
+    resolution = data.resolution
+    wanted = [data.train_split] + ([data.eval_split] if data.eval_split else [])
+    if data.source == "toy":
+        world, sources, users_csv = _toy_splits(config, root)
+        tag = os.path.basename(world)
+    else:
+        world = os.path.abspath(os.path.expanduser(data.source))
+        sources = sage.find_splits(world, data.train_split)
+        users_csv = data.users_csv
+        tag = f"src-{_key(world)}"
+    data_dirs = {}
+    for split in wanted:
+        if split not in sources:
+            raise FileNotFoundError(f"split {split!r} not in {world} (has {sorted(sources)})")
+        out = os.path.join(root, "tfds", tag, f"{split}-r{resolution}")
+        data_dirs[split] = process_zero_first(
+            lambda s=sources[split], o=out, n=split: _build(s, o, n, resolution, data.skip_bad),
+            f"build:{split}",
+        )
+    embeddings = _embeddings(config, root, users_csv)
+    tokenizer = models.tokenizer
+    if tokenizer is None:
+        tokenizer = process_zero_first(lambda: _toy_tokenizer(config, root, sources), "tok")
+    return Splits(data_dirs, embeddings, tokenizer, resolution)
+
+
+def _embeddings(config: Any, root: str, users_csv: str | None) -> dict[str, np.ndarray]:
+    spec = config.data.embeddings
+    if spec != "minilm":
+        return embed.load_embeddings(os.path.expanduser(spec))
+    if not users_csv:
+        raise ValueError("data.embeddings='minilm' needs data.users_csv (the users to embed)")
+    with open(users_csv, "rb") as f:
+        out = os.path.join(
+            root, "embeddings", f"minilm-{hashlib.sha256(f.read()).hexdigest()[:12]}"
+        )
+
+    def make() -> None:
+        if not os.path.isfile(os.path.join(out, embed.MANIFEST)):
+            embed.embed_profiles(users_csv, "minilm", out)
+
+    process_zero_first(make, "embeddings")
+    return embed.load_embeddings(out)
+
+
+def _toy_tokenizer(config: Any, root: str, sources: dict[str, str]) -> Any:
+    """Word tokenizer over every caption of the world (train and held-out prompts)."""
+    captions = set()
+    for folder in sources.values():
+        with open(os.path.join(folder, sage.METADATA), encoding="utf-8") as f:
+            captions.update(json.loads(line)["caption"] for line in f if line.strip())
+    length = int(config.model.text_encoder.max_position_embeddings)
+    out = os.path.join(root, "tokenizers", f"words-{_key(sorted(captions), length)}")
+    if os.path.isfile(os.path.join(out, "tokenizer.json")):
+        return load_tokenizer(out)
+    tok = build_word_tokenizer(sorted(captions), max_length=length)
+    vocab = int(config.model.text_encoder.vocab_size)
+    if len(tok.get_vocab()) > vocab:
+        raise ValueError(f"toy vocabulary has {len(tok.get_vocab())} words > vocab_size {vocab}")
+    tmp = f"{out}.tmp-{os.getpid()}"
+    tok.save_pretrained(tmp)
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        pass  # another process saved the same tokenizer first
+    return load_tokenizer(out)
+
+
+def open_caches(config: Any, models: Any, splits: Splits, split: str, with_vae: bool = True):
+    """Encoder caches of one split (built on first use, reused after); ``with_vae=False``:
+    text only (the loader then decodes pixels)."""
+    layer = config.model.text_layer
+
+    def build() -> dict:
+        return cache_lib.build_caches(
+            splits.data_dirs[split],
+            DATASET,
+            split,
+            text_encoder=models.text_encoder,
+            tokenizer=splits.tokenizer,
+            vae=models.vae if with_vae else None,
+            text_layer=layer,
+            resolution=splits.resolution,
+        )
+
+    manifest = process_zero_first(build, f"caches:{split}")
+    return cache_lib.load_caches(manifest["path"])
+
+
+def make_loader(
+    config: Any,
+    splits: Splits,
+    split: str,
+    caches: Any,
+    batch_size: int,
+    *,
+    seed: int,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+) -> SageLoader:
+    """This process's loader: ``batch_size`` is the global batch, split over processes."""
+    if batch_size % jax.process_count():
+        raise ValueError(f"batch {batch_size} does not split over {jax.process_count()} processes")
+    data = config.data
+    return SageLoader(
+        splits.data_dirs[split],
+        DATASET,
+        split,
+        batch_size=batch_size // jax.process_count(),
+        seed=seed,
+        embeddings=splits.embeddings,
+        resolution=splits.resolution,
+        flip=data.flip,
+        flip_pair=data.flip_pair,
+        caption_dropout=data.caption_dropout,
+        shuffle=shuffle,
+        num_epochs=num_epochs,
+        num_threads=data.num_threads,
+        caches=caches,
+        decode_pixels=caches.moments is None,
+    )

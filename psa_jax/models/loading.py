@@ -1,0 +1,133 @@
+"""The frozen base models of a config, loaded explicitly.
+
+``config.model.init`` says where they come from: ``"pretrained"`` reads ``model.pretrained`` (a
+local diffusers pipeline folder: ``unet/``, ``text_encoder/``, ``vae/``, ``tokenizer/``; or
+``packaged:<name>``) or, without it, ``model.base_workdir`` (the UNet of a ``denoise`` run) with
+``model.vae_path`` (a ``vae`` run's folder or a diffusers VAE folder); ``"random"`` initialises
+the config's architecture at ``init_seed`` (tests, smoke runs, the tiny world's base training).
+Anything else, or ``"pretrained"`` with nothing named, is an error that says which key to set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from flax.core import meta
+
+from psa_jax.core import diffusion as noise_lib
+from psa_jax.core.checkpoint import restore_host_params
+from psa_jax.data.tokenizer import load_tokenizer
+from psa_jax.models.clip import CLIPTextConfig, FlaxCLIPTextModel, load_text_encoder
+from psa_jax.models.packaged import resolve as resolve_packaged
+from psa_jax.models.psa_unet import init_variables, load_unet, unet_module_from_config
+from psa_jax.models.unet import UNet2DConditionModel
+from psa_jax.models.vae import AutoencoderKL, FlaxAutoencoderKL, VAEConfig, load_vae
+
+
+@dataclasses.dataclass
+class BaseModels:
+    """The frozen pieces of a run (host arrays) and the UNet module with adapter slots."""
+
+    module: UNet2DConditionModel
+    unet_params: Any
+    text_encoder: FlaxCLIPTextModel
+    vae: FlaxAutoencoderKL | None
+    tokenizer: Any | None  # None: the toy world's word tokenizer, built with the data
+    schedule: noise_lib.NoiseSchedule
+    scaling_factor: float
+
+
+def load_base_models(config: Any) -> BaseModels:
+    """Frozen UNet / text encoder / VAE in ``config.model.dtype`` (see module docstring)."""
+    model = config.model
+    dtype = model.dtype
+    seed = int(model.init_seed)
+    schedule = noise_lib.noise_schedule_from_config(dict(config.noise))
+    init = model_init(model)
+    if init == "pretrained" and model.pretrained:
+        root = resolve_packaged(model.pretrained)
+        if os.path.isdir(os.path.join(root, "text_encoder_2")):
+            raise NotImplementedError(
+                f"{root} has two text encoders (SDXL): the encoder caches hold one text encoder "
+                "so far; SDXL training needs their concatenation (planned)"
+            )
+        unet = load_unet(root, dtype=dtype)
+        text = load_text_encoder(os.path.join(root, "text_encoder"), dtype=dtype)
+        vae = load_vae(root, dtype=dtype)
+        tokenizer = load_tokenizer(root)
+        module = unet_module_from_config(model, dtype, unet.config)
+        params = unet.params
+        scaling = vae.scaling_factor
+        sched_file = os.path.join(root, "scheduler", "scheduler_config.json")
+        if os.path.isfile(sched_file):
+            with open(sched_file, encoding="utf-8") as f:
+                schedule = noise_lib.noise_schedule_from_config(
+                    {**json.load(f), **_prediction(config)}
+                )
+        return BaseModels(module, params, text, vae, tokenizer, schedule, scaling)
+
+    module = unet_module_from_config(model, dtype)
+    if init == "pretrained":
+        params, _ = restore_host_params(model.base_workdir)
+    else:
+        # Initialised in float32 (then cast): the same weights whatever the compute dtype.
+        params = meta.unbox(init_variables(unet_module_from_config(model), seed))["params"]
+    params = jax.tree.map(lambda x: np.asarray(x).astype(dtype), params)
+    text_cfg = CLIPTextConfig.from_hf_config(dict(model.text_encoder))
+    text = FlaxCLIPTextModel.init_random(text_cfg, seed=seed + 1, dtype=dtype)
+    vae = None
+    if model.vae_path:  # a trained VAE (a vae run's folder, or a diffusers VAE folder)
+        vae = load_vae(os.path.expanduser(model.vae_path), dtype=dtype)
+    elif model.get("vae"):
+        vae_cfg = VAEConfig.from_diffusers_config(dict(model.vae))
+        side = vae_cfg.sample_size
+        vae_init = jax.jit(AutoencoderKL(vae_cfg, dtype=jax.numpy.dtype(dtype)).init)
+        vae_params = vae_init(jax.random.key(seed + 2), np.zeros((1, side, side, 3), np.float32))
+        vae = FlaxAutoencoderKL(vae_cfg, meta.unbox(vae_params["params"]), dtype)
+    scaling = vae.scaling_factor if vae is not None else 1.0
+    return BaseModels(module, params, text, vae, None, schedule, scaling)
+
+
+INITS = ("pretrained", "random")
+
+
+class ModelInitError(ValueError):
+    """A config whose base models cannot be loaded as written; says which key to set."""
+
+
+def model_init(model: Any) -> str:
+    """``model.init``: ``"pretrained"`` (``model.pretrained``, a diffusers folder or
+    ``packaged:<name>``; or ``model.base_workdir``, a denoise run's UNet) or ``"random"`` (the
+    config's architecture at ``init_seed``). Never inferred: runs saved before the key existed
+    get it from the named migration in :mod:`psa_jax.config`."""
+    if "init" not in model:
+        raise ModelInitError(
+            "the config has no model.init: set model.init='pretrained' (with model.pretrained "
+            "or model.base_workdir) or model.init='random'"
+        )
+    init = model.init
+    if init not in INITS:
+        raise ModelInitError(f"model.init {init!r} unknown; one of {INITS}")
+    if init == "pretrained" and model.pretrained and model.base_workdir:
+        raise ModelInitError(
+            f"model.pretrained ({model.pretrained!r}) and model.base_workdir "
+            f"({model.base_workdir!r}) both name a base: set one (model.pretrained='' to train "
+            "on a base run)"
+        )
+    if init == "pretrained" and not (model.pretrained or model.base_workdir):
+        raise ModelInitError(
+            "model.init='pretrained' needs model.pretrained (a local diffusers folder, or "
+            "packaged:tiny-base) or model.base_workdir (a denoise run); set model.init='random' "
+            "to train on random weights"
+        )
+    return init
+
+
+def _prediction(config: Any) -> dict:
+    pred = config.noise.get("prediction_type")
+    return {"prediction_type": pred} if pred else {}

@@ -1,0 +1,101 @@
+"""The task a config names (``dpo``, ``denoise``, ``vae``) and its trees: what is trained
+(host values and logical-axis boxes) and what stays frozen."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import numpy as np
+from flax.core import meta
+
+from psa_jax.data import prepare
+from psa_jax.data.loader import lookup_embeddings
+from psa_jax.models import loading
+from psa_jax.models.adapter import PROJ_INITS, standardize_projection
+from psa_jax.models.psa_unet import _adapter_init, abstract_variables
+from psa_jax.train import lora as lora_lib
+from psa_jax.train.step import DenoiseTask, DPOTask, VAETask
+
+TASKS = ("dpo", "denoise", "vae")
+
+
+@dataclasses.dataclass
+class Setup:
+    """What ``train`` builds before its loop (tests use it to drive steps directly)."""
+
+    task: Any
+    trainable: Any  # host values of the trainable tree at step 0
+    trainable_boxes: Any  # the same tree with logical-axis boxes (for shardings)
+    frozen: Any  # host values of the frozen tree
+    frozen_boxes: Any
+
+
+def build_task(
+    config: Any, models: loading.BaseModels, user_embeds: Any = None, *, resuming: bool = False
+) -> Setup:
+    """The task named by ``config.task`` and its trainable / frozen trees (host arrays).
+
+    ``user_embeds`` ``[N, D]``: the training users' profile embeddings, needed by a DPO run
+    whose ``model.adapter.proj_init`` is ``"standardized"`` (see ``standardize_projection``).
+    ``resuming``: a checkpoint replaces the initial trainable values, so that initialisation
+    (and its embeddings) is skipped; shapes and boxes are unchanged.
+    """
+    train = config.train
+    module, params = models.module, models.unet_params
+    if config.task == "dpo":
+        task = DPOTask(module, models.schedule, float(train.beta), models.scaling_factor,
+                       float(train.dpo_chosen_weight))  # fmt: skip
+        rng = jax.random.key(int(config.model.init_seed) + 3)
+        boxed = _adapter_init(module)(params, rng)
+        adapter = meta.unbox(boxed)
+        if _proj_init(config) == "standardized" and not resuming:
+            if user_embeds is None:
+                raise ValueError("proj_init='standardized' needs the training users' embeddings")
+            proj = standardize_projection(adapter["user_proj"], user_embeds)
+            adapter = {**adapter, "user_proj": jax.tree.map(np.asarray, proj)}
+        frozen_boxes = abstract_variables(module)["params"]
+        return Setup(task, adapter, boxed, params, frozen_boxes)
+    if config.task == "denoise":
+        target = train.denoise_target
+        lcfg = train.lora
+        task = DenoiseTask(
+            module,
+            models.schedule,
+            target,
+            lora_lib.lora_scale(lcfg.rank, lcfg.alpha),
+            train.image_key,
+            models.scaling_factor,
+            float(train.snr_gamma),
+        )
+        boxes = abstract_variables(module)["params"]
+        if target == "unet":
+            return Setup(task, params, boxes, {}, {})
+        rng = jax.random.key(int(config.model.init_seed) + 4)
+        lora = lora_lib.init_lora(params, lcfg.rank, tuple(lcfg.targets), rng=rng)
+        return Setup(task, lora, lora, params, boxes)
+    if config.task == "vae":
+        if models.vae is None:
+            raise ValueError("task 'vae' needs a VAE in the config (config.model.vae)")
+        task = VAETask(models.vae.module, float(train.vae_kl_weight))
+        boxes = jax.eval_shape(lambda p: p, models.vae.params)  # replicated: a tiny model
+        return Setup(task, models.vae.params, boxes, {}, {})
+    raise ValueError(f"unknown task {config.task!r}; tasks: {TASKS}")
+
+
+def _proj_init(config: Any) -> str:
+    """``model.adapter.proj_init`` checked against PROJ_INITS."""
+    proj_init = config.model.adapter.proj_init
+    if proj_init not in PROJ_INITS:
+        raise ValueError(f"model.adapter.proj_init {proj_init!r} unknown; one of {PROJ_INITS}")
+    return proj_init
+
+
+def training_user_embeds(config: Any, splits: prepare.Splits, loader: Any) -> np.ndarray | None:
+    """``[N, D]`` embeddings of the users in ``loader``'s split when the adapter's projection is
+    initialised from them (``proj_init="standardized"``), else None. Only training users: a
+    held-out user must not shape the initialisation."""
+    if config.task != "dpo" or _proj_init(config) != "standardized":
+        return None
+    return lookup_embeddings(loader.user_ids(), splits.embeddings)
