@@ -8,7 +8,7 @@ import dataclasses
 
 import ml_collections
 
-from psa_jax.data.toy_world import ToyWorldConfig
+from psa_jax.data.toy_scenes import ToyWorldConfig
 from psa_jax.train import optim
 
 

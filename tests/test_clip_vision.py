@@ -13,7 +13,8 @@ from helpers import perturb_, rel_err
 from safetensors.torch import load_file, save_file
 
 from psa_jax.data.tokenizer import build_word_tokenizer
-from psa_jax.models.clip_vision import CLIPImagePreprocess, FlaxCLIPModel, load_clip_model
+from psa_jax.models.clip_preprocess import CLIPImagePreprocess
+from psa_jax.models.clip_vision import FlaxCLIPModel, load_clip_model
 from psa_jax.models.convert import WeightMismatchError
 
 TOL = 1e-5

@@ -10,8 +10,20 @@ import numpy as np
 import pytest
 
 from psa_jax.data.profiles import CATEGORIES
-from psa_jax.demo import run as demo
-from psa_jax.eval.evaluate import EvalItem
+from psa_jax.demo.cache import cached
+from psa_jax.demo.metrics import (
+    RECORDED_ABLATION,
+    ablation_rows,
+    demo_metrics,
+    level_summary,
+    level_table,
+    own_rates,
+    targets,
+)
+from psa_jax.demo.run import run_demo
+from psa_jax.demo.settings import DemoError, DemoSettings, dpo_config
+from psa_jax.demo.stages import stage_data
+from psa_jax.eval.plans import EvalItem
 
 
 def _items_and_dets(psa_banned_rate: float, psa_allowed_rate: float, base_rate: float = 0.5):
@@ -20,7 +32,7 @@ def _items_and_dets(psa_banned_rate: float, psa_allowed_rate: float, base_rate: 
     images; PSA on ``psa_banned_rate`` where the user bans the category, else
     ``psa_allowed_rate``."""
     from psa_jax.data.profiles import LEVEL_USERS, packaged_users_csv
-    from psa_jax.eval.evaluate import profiles_table
+    from psa_jax.eval.plans import profiles_table
 
     banned = profiles_table(packaged_users_csv())
     items, psa, base = [], [], []
@@ -40,10 +52,10 @@ def _items_and_dets(psa_banned_rate: float, psa_allowed_rate: float, base_rate: 
 
 def test_own_rates_and_level_table_count_the_prompts_own_category():
     items, det = _items_and_dets(psa_banned_rate=0.1, psa_allowed_rate=0.5)
-    assert demo.own_rates(items, det, [5], banned=True) == pytest.approx((0.1, 0.5))
-    assert demo.own_rates(items, det, [1, 2, 3, 4], banned=False) == pytest.approx((0.5, 0.5))
-    assert demo.own_rates(items, det, [5], banned=False) == (None, None)  # L5 allows nothing
-    table = demo.level_table(items, det)
+    assert own_rates(items, det, [5], banned=True) == pytest.approx((0.1, 0.5))
+    assert own_rates(items, det, [1, 2, 3, 4], banned=False) == pytest.approx((0.5, 0.5))
+    assert own_rates(items, det, [5], banned=False) == (None, None)  # L5 allows nothing
+    table = level_table(items, det)
     l2 = table["2"]["categories"]
     assert l2["Sexuality"]["banned"] and not l2["Hate"]["banned"]
     assert l2["Sexuality"]["psa"] == pytest.approx(0.1)
@@ -52,7 +64,7 @@ def test_own_rates_and_level_table_count_the_prompts_own_category():
 
 
 def _fake_results(items, det):
-    """The eval summary keys demo_metrics reads, computed like evaluate.group_summary."""
+    """The eval summary keys demo_metrics reads, computed like summary.group_summary."""
     groups = {}
     for level in range(6):
         idx = [i for i, it in enumerate(items) if it.group == f"level-{level}"]
@@ -67,7 +79,7 @@ def _fake_results(items, det):
 
 def test_metrics_and_targets_of_a_suppressing_adapter():
     items, det = _items_and_dets(psa_banned_rate=0.1, psa_allowed_rate=0.5)
-    m = demo.demo_metrics(items, det, *_fake_results(items, det))
+    m = demo_metrics(items, det, *_fake_results(items, det))
     assert m["suppression_ratio"] == pytest.approx(0.2)
     assert m["allowed_retention"] == pytest.approx(1.0)
     # Any-marker rate per level = share of its prompts' categories allowed (x .5) + banned (x .1)
@@ -77,7 +89,7 @@ def test_metrics_and_targets_of_a_suppressing_adapter():
     assert m["level_marker_rates_base"] == pytest.approx([0.5] * 6)
     assert set(m["spqr"]) == {"before", "after"}
     m["round_trip_max_abs_diff"] = 1e-6
-    t = demo.targets(m)
+    t = targets(m)
     assert {k for k, v in t.items() if not v["ok"]} == set()
     # L2 and L3 both ban 4 categories: equal rates are a tie, still "non-increasing".
     assert t["calibration"]["ok"]
@@ -86,28 +98,28 @@ def test_metrics_and_targets_of_a_suppressing_adapter():
 def test_targets_fail_where_the_adapter_does_not_personalise():
     # "Draw more markers" for everyone (what issue 15 measured on the first tiny run).
     items, det = _items_and_dets(psa_banned_rate=0.6, psa_allowed_rate=0.6)
-    m = demo.demo_metrics(items, det, *_fake_results(items, det))
+    m = demo_metrics(items, det, *_fake_results(items, det))
     m["round_trip_max_abs_diff"] = 5e-3
-    t = demo.targets(m)
+    t = targets(m)
     assert not t["suppression"]["ok"] and m["suppression_ratio"] == pytest.approx(1.2)
     assert t["no_over_suppression"]["ok"]
     assert not t["calibration"]["ok"] or m["level_marker_rates"][1] == m["level_marker_rates"][5]
     assert not t["round_trip"]["ok"]
     # Over-suppression: allowed content lost too.
     items, det = _items_and_dets(psa_banned_rate=0.0, psa_allowed_rate=0.3)
-    m = demo.demo_metrics(items, det, *_fake_results(items, det))
+    m = demo_metrics(items, det, *_fake_results(items, det))
     m["round_trip_max_abs_diff"] = 0.0
-    assert not demo.targets(m)["no_over_suppression"]["ok"]
+    assert not targets(m)["no_over_suppression"]["ok"]
 
 
 def test_ablation_rows_show_this_run_then_the_trained_or_the_recorded_ablation(
     tmp_path, monkeypatch
 ):
     items, det = _items_and_dets(psa_banned_rate=0.1, psa_allowed_rate=0.5)
-    m = demo.demo_metrics(items, det, *_fake_results(items, det))
+    m = demo_metrics(items, det, *_fake_results(items, det))
     m["pair_accuracy"] = [[0, 0.5], [800, 0.7]]
-    settings = demo.DemoSettings(out=str(tmp_path))
-    tokens = demo.dpo_config(settings).model.adapter.num_user_tokens
+    settings = DemoSettings(out=str(tmp_path))
+    tokens = dpo_config(settings).model.adapter.num_user_tokens
     recorded = {"source": "recorded: psa-jax demo --ablation-tokens 1 (test)",
                 "rows": [{"num_user_tokens": t, "suppression_ratio": 0.9, "allowed_retention": 1.2,
                           "level_marker_rates": [0.5] * 6, "pair_accuracy": 0.6,
@@ -115,29 +127,29 @@ def test_ablation_rows_show_this_run_then_the_trained_or_the_recorded_ablation(
                          for t in (1, tokens)]}  # fmt: skip
     path = tmp_path / "recorded.json"
     path.write_text(json.dumps(recorded))
-    monkeypatch.setattr(demo, "RECORDED_ABLATION", str(path))
-    rows = demo.ablation_rows(settings, m, {})
+    monkeypatch.setattr("psa_jax.demo.metrics.RECORDED_ABLATION", str(path))
+    rows = ablation_rows(settings, m, {})
     assert [r["num_user_tokens"] for r in rows] == [tokens, 1]  # the recorded twin of this run
     assert rows[0]["source"] == "this run" and rows[0]["suppression_ratio"] == pytest.approx(0.2)
     assert rows[0]["pair_accuracy"] == 0.7
     assert rows[1]["source"] == recorded["source"] and rows[1]["suppression_ratio"] == 0.9
     # An ablation trained in this run replaces the recorded row.
     trained = {
-        **demo.level_summary(items, det),
+        **level_summary(items, det),
         "num_user_tokens": 1,
         "pair_accuracy": 0.55,
         "adherence_ratio_per_level": {str(lv): 0.9 for lv in range(6)},
     }
-    rows = demo.ablation_rows(settings, m, {"ablation": trained})
+    rows = ablation_rows(settings, m, {"ablation": trained})
     assert [r["source"] for r in rows] == ["this run", "this run"]
     assert rows[1]["pair_accuracy"] == 0.55 and rows[1]["level_marker_rates"] == m[
         "level_marker_rates"]  # fmt: skip
 
 
 def test_the_package_ships_a_recorded_ablation_of_another_token_count():
-    with open(demo.RECORDED_ABLATION, encoding="utf-8") as f:
+    with open(RECORDED_ABLATION, encoding="utf-8") as f:
         recorded = json.load(f)
-    tokens = demo.dpo_config(demo.DemoSettings(out="unused")).model.adapter.num_user_tokens
+    tokens = dpo_config(DemoSettings(out="unused")).model.adapter.num_user_tokens
     assert recorded["source"].startswith("recorded: psa-jax demo --ablation-tokens")
     assert any(r["num_user_tokens"] != tokens for r in recorded["rows"])
     for r in recorded["rows"]:
@@ -153,17 +165,17 @@ def test_stage_cache_reuses_a_done_stage_and_redoes_a_changed_one(tmp_path):
         calls.append(1)
         return {"value": len(calls)}
 
-    first = demo._cached(folder, {"a": 1}, make, log.append)
-    again = demo._cached(folder, {"a": 1}, make, log.append)
+    first = cached(folder, {"a": 1}, make, log.append)
+    again = cached(folder, {"a": 1}, make, log.append)
     assert first["value"] == again["value"] == 1 and len(calls) == 1
-    changed = demo._cached(folder, {"a": 2}, make, log.append)
+    changed = cached(folder, {"a": 2}, make, log.append)
     assert changed["value"] == 2 and any("changed" in line for line in log)
 
 
 def test_fresh_refuses_to_delete_a_folder_the_demo_did_not_write(tmp_path):
     (tmp_path / "thesis.tex").write_text("years of work")
-    with pytest.raises(demo.DemoError, match="no demo output"):
-        demo.run_demo(demo.DemoSettings(out=str(tmp_path)), fresh=True)
+    with pytest.raises(DemoError, match="no demo output"):
+        run_demo(DemoSettings(out=str(tmp_path)), fresh=True)
     assert (tmp_path / "thesis.tex").exists()
 
 
@@ -251,7 +263,7 @@ def test_demo_runs_end_to_end_resumes_and_writes_the_api_keys(tmp_path):
     import re
 
     out = str(tmp_path / "demo")
-    settings = demo.DemoSettings(
+    settings = DemoSettings(
         out=out,
         dpo_steps=12,  # > the config's 10 warmup steps
         draws=1,
@@ -263,7 +275,7 @@ def test_demo_runs_end_to_end_resumes_and_writes_the_api_keys(tmp_path):
         progress=False,
     )  # fmt: skip
     log: list[str] = []
-    metrics = demo.run_demo(settings, log=log.append)
+    metrics = run_demo(settings, log=log.append)
     with open(os.path.join(out, "metrics.json"), encoding="utf-8") as f:
         written = json.load(f)
     assert API_KEYS <= set(written)
@@ -293,7 +305,7 @@ def test_demo_runs_end_to_end_resumes_and_writes_the_api_keys(tmp_path):
     assert "Ablation: user tokens" in page
     # A second run finds every stage done and rewrites the same measurements.
     log.clear()
-    again = demo.run_demo(settings, log=log.append)
+    again = run_demo(settings, log=log.append)
     assert sum("done before" in line for line in log) == 7, log  # 5 stages + the ablation's 2
     for key in API_KEYS - {"wall_seconds"}:
         assert again[key] == metrics[key], key
@@ -307,9 +319,9 @@ def test_dpo_stage_learns_on_the_shipped_base(tmp_path):
     from psa_jax.demo.report import pair_accuracy_curve
     from psa_jax.train.trainer import train
 
-    settings = demo.DemoSettings(out=str(tmp_path / "demo"), progress=False)
-    demo.stage_data(settings, log=lambda _: None)
-    config = demo.dpo_config(settings)
+    settings = DemoSettings(out=str(tmp_path / "demo"), progress=False)
+    stage_data(settings, log=lambda _: None)
+    config = dpo_config(settings)
     steps = config.train.steps
     assert config.train.eval_batches * config.train.eval_batch_size >= 128
     config.train.eval_every = steps  # step 0 and the last step only

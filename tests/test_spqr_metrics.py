@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import psa_jax.eval
-from psa_jax.data import toy_world
+from psa_jax.data import toy_scenes
 from psa_jax.data.profiles import CATEGORIES
 from psa_jax.eval import metrics as M
 from psa_jax.eval import spqr
@@ -78,13 +78,13 @@ def test_psa_metrics():
 
 
 def _world_images():
-    cfg = toy_world.ToyWorldConfig()
+    cfg = toy_scenes.ToyWorldConfig()
     images, captions = [], []
-    for scene in toy_world.scenes(cfg):
-        safe, unsafe = toy_world.render_pair(scene, cfg)
+    for scene in toy_scenes.scenes(cfg):
+        safe, unsafe = toy_scenes.render_pair(scene, cfg)
         images += [safe, unsafe]
         captions += [scene.caption] * 2
-    for _, caption, image in toy_world.benign_items(cfg):
+    for _, caption, image in toy_scenes.benign_items(cfg):
         images.append(image)
         captions.append(caption)
     return np.stack(images), captions
@@ -135,8 +135,10 @@ def test_scorer_registry_errors():
 def _fake_measure(items, own_shown, adherence):
     """A ``benchmark.measure`` result whose toy oracle sees each item's own marker iff
     ``own_shown[i]`` (and nothing else), for the PSA model; the base shows every marker."""
-    from psa_jax.eval.evaluate import BASE, PSA, Scored, summarize
+    from psa_jax.eval.plans import BASE, PSA
     from psa_jax.eval.scorers import SafetyScores
+    from psa_jax.eval.scoring import Scored
+    from psa_jax.eval.summary import summarize
 
     def scored(shown, adh):
         det = np.zeros((len(items), 7), bool)
@@ -150,8 +152,8 @@ def _fake_measure(items, own_shown, adherence):
 
 
 def test_personalized_spqr_axes_on_known_verdicts():
-    from psa_jax.eval.benchmark import spqr_axes
-    from psa_jax.eval.evaluate import level_items
+    from psa_jax.eval.plans import level_items
+    from psa_jax.eval.spqr_axes import spqr_axes
 
     banned = {M.level_user(5): tuple(CATEGORIES), M.level_user(1): ("Violence",)}
     prompts = [(f"p {c}", c) for c in CATEGORIES]
@@ -203,7 +205,8 @@ class _FakePipeline:
 
 
 def test_generate_pairs_each_user_image_with_one_base_draw():
-    from psa_jax.eval.evaluate import BASE, PSA, EvalItem, generate
+    from psa_jax.eval.generation import generate
+    from psa_jax.eval.plans import BASE, PSA, EvalItem
 
     items = [
         EvalItem("a", 5, "g", "0000001"),

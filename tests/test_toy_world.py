@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from psa_jax.cli.data import register_toy
-from psa_jax.data import toy_world
+from psa_jax.data import toy_scenes, toy_world
 from psa_jax.data.oracle import (
     MARKER_HUES_DEG,
     OracleScorer,
@@ -21,7 +21,8 @@ from psa_jax.data.oracle import (
     to_unit,
 )
 from psa_jax.data.profiles import CATEGORIES, LEVEL_USERS, packaged_users_csv, read_users
-from psa_jax.data.toy_world import ToyWorldConfig, ensure_toy_world, make_toy_world
+from psa_jax.data.toy_scenes import ToyWorldConfig
+from psa_jax.data.toy_world import ensure_toy_world, make_toy_world
 
 USERS_CSV = packaged_users_csv()  # PSAlign's 1,001 users, shipped with the package
 SMALL = ToyWorldConfig(
@@ -69,8 +70,8 @@ def _expected(scenes_, unsafe: bool) -> np.ndarray:
 
 
 def _render_all(config):
-    scenes_ = toy_world.scenes(config)
-    pairs = [toy_world.render_pair(s, config) for s in scenes_]
+    scenes_ = toy_scenes.scenes(config)
+    pairs = [toy_scenes.render_pair(s, config) for s in scenes_]
     return scenes_, np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 
 
@@ -184,7 +185,7 @@ def test_oracle_exact_on_clean_images():
     acc_s = _per_category_accuracy(det_s, _expected(scenes_, False), scenes_)
     print("clean accuracy unsafe", acc_u, "safe", acc_s)
     assert min(acc_u.values()) >= 0.98 and min(acc_s.values()) >= 0.98
-    benign = np.stack([img for _, _, img in toy_world.benign_items(BIG)])
+    benign = np.stack([img for _, _, img in toy_scenes.benign_items(BIG)])
     assert not oracle.detect(benign).any()
     _, chroma = hue_chroma(to_unit(np.concatenate([safe, benign])))
     assert chroma.max() <= 0.3  # scenes are muted: far from the 0.4 marker threshold
@@ -265,7 +266,7 @@ def test_config_validation(tmp_path):
 
 
 def test_train_captions_are_distinct_from_held_out_ones():
-    scenes_ = toy_world.scenes(SMALL)
+    scenes_ = toy_scenes.scenes(SMALL)
     train = {s.caption for s in scenes_ if s.k < SMALL.captions_per_concept}
     held = {s.caption for s in scenes_ if s.k >= SMALL.captions_per_concept}
     assert not train & held and len(train) == len(CATEGORIES) * 2 * 2

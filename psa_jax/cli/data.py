@@ -9,7 +9,8 @@ import os
 
 from psa_jax.data.embed import embed_profiles, get_encoder
 from psa_jax.data.sage import build_data
-from psa_jax.data.toy_world import USERS_ENV, ToyWorldConfig, default_users_csv, make_toy_world
+from psa_jax.data.toy_scenes import ToyWorldConfig
+from psa_jax.data.toy_world import USERS_ENV, default_users_csv, make_toy_world
 
 
 def _make_toy_data(args: argparse.Namespace) -> int:

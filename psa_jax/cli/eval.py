@@ -16,7 +16,7 @@ from typing import Any
 
 from psa_jax.data.embed import MissingEmbeddingError
 from psa_jax.eval import benchmark, report
-from psa_jax.eval.evaluate import PromptsError, read_prompt_rows
+from psa_jax.eval.plans import PromptsError, read_prompt_rows
 from psa_jax.eval.scorers import ScorerContext, ScorerError
 
 EXIT_BAD_INPUT = 2

@@ -24,7 +24,7 @@ import numpy as np
 
 from psa_jax.core.parallel import process_zero_first
 from psa_jax.data import cache as cache_lib
-from psa_jax.data import embed, sage, toy_world
+from psa_jax.data import embed, sage, toy_scenes, toy_world
 from psa_jax.data.loader import SageLoader
 from psa_jax.data.tokenizer import build_word_tokenizer, load_tokenizer
 
@@ -62,7 +62,7 @@ def _build(source_dir: str, out_dir: str, split: str, resolution: int | None, sk
 
 def _toy_splits(config: Any, root: str) -> tuple[str, dict[str, str], str]:
     users = config.data.users_csv or toy_world.default_users_csv()
-    toy_cfg = toy_world.ToyWorldConfig(**dict(config.data.toy))
+    toy_cfg = toy_scenes.ToyWorldConfig(**dict(config.data.toy))
     world = os.path.join(root, f"sage-mini-{_key(dataclasses.asdict(toy_cfg), users)}")
     process_zero_first(lambda: toy_world.ensure_toy_world(world, users, toy_cfg), "toy_world")
     splits = {s: os.path.join(world, s) for s in ("train", "test_seen", "test_unseen")}

@@ -11,8 +11,9 @@ from typing import Any
 import numpy as np
 
 from psa_jax.data.profiles import CATEGORIES
-from psa_jax.eval.evaluate import EvalItem, to_json
+from psa_jax.eval.plans import EvalItem
 from psa_jax.eval.report import bar_plot, html_page, img, write_json
+from psa_jax.eval.summary import to_json
 
 GRID_SEEDS = 2  # images per (user, category) cell in the grid: the first draws, not picked
 

@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from psa_jax.eval.evaluate import BASE, PSA, EvalItem, to_json
+from psa_jax.eval.plans import BASE, PSA, EvalItem
+from psa_jax.eval.summary import to_json
 
 GRID_COLUMNS = 8
 

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from psa_jax.data import oracle
-from psa_jax.data.toy_world import OBJECTS, SETTINGS
+from psa_jax.data.toy_scenes import OBJECTS, SETTINGS
 from psa_jax.eval.scorers import SafetyScores, ScorerContext, as_uint8_images, register
 
 _SETTING_RE = "|".join(re.escape(s) for s in sorted(SETTINGS, key=len, reverse=True))

@@ -205,22 +205,8 @@ class Pipeline:
         float32 in [0, 1] (as diffusers' ``output_type="np"``), else uint8. With a ``mesh``
         (one host), each chunk of ``batch_size`` samples splits over its data axes and the
         weights are replicated. SDXL's negative branch: see :meth:`encode_negative`."""
-        if output not in ("uint8", "float"):
-            raise ValueError(f"output must be 'uint8' or 'float', got {output!r}")
         n = len(prompts)
-        if user_embeds is not None:
-            if self.adapter is None:
-                raise ValueError("user_embeds given, but this pipeline has no adapter")
-            user_embeds = np.asarray(user_embeds, np.float32)
-            if user_embeds.shape != (n, self.user_embed_dim):
-                raise ValueError(
-                    f"user_embeds has shape {user_embeds.shape}; expected ({n}, "
-                    f"{self.user_embed_dim}): one profile embedding per prompt"
-                )
-        seeds = np.arange(n) if seeds is None else np.asarray(seeds)
-        scales = np.broadcast_to(np.asarray(user_scale, np.float32), (n,))
-        if seeds.shape != (n,):
-            raise ValueError(f"{len(seeds)} seeds for {n} prompts")
+        user_embeds, seeds, scales = self._check_args(n, user_embeds, seeds, user_scale, output)
         schedule = sched_lib.make_sampler_schedule(
             scheduler, steps, self.noise_schedule, **(scheduler_options or {})
         )
@@ -228,36 +214,18 @@ class Pipeline:
         variables = {"params": self.params}
         if self.adapter is not None and user_embeds is not None:
             variables["adapter"] = self.adapter
-        shardings = None
-        if mesh is not None:
-            from psa_jax.core import parallel
-
-            if batch_size % parallel.data_parallel_size(mesh):
-                raise ValueError(
-                    f"batch_size {batch_size} does not split over the mesh's "
-                    f"{parallel.data_parallel_size(mesh)} data-parallel devices"
-                )
-            shardings = (parallel.batch_sharding(mesh), parallel.replicated(mesh))
-        neg_states, neg_pooled = self.encode_negative(negative_prompt)
+        shardings = None if mesh is None else _mesh_shardings(mesh, batch_size)
+        negative = self.encode_negative(negative_prompt)
         time_ids = self.time_ids(batch_size) if self.text_encoder_2 is not None else None
         images = []
         for lo in range(0, n, batch_size):
             idx = np.minimum(np.arange(lo, lo + batch_size), n - 1)  # pad with the last row
-            states, pooled = self.encode_prompts([prompts[i] for i in idx])
-            added = neg_added = None
-            if time_ids is not None:  # SDXL: pooled text + size conditioning
-                added = {"text_embeds": pooled, "time_ids": time_ids}
-                neg_added = {
-                    "text_embeds": jnp.broadcast_to(neg_pooled, pooled.shape),
-                    "time_ids": time_ids,
-                }
-            cond = Conditioning(
-                text_states=states,
-                neg_text_states=jnp.broadcast_to(neg_states, states.shape),
-                user_embeds=None if user_embeds is None else jnp.asarray(user_embeds[idx]),
-                user_scale=jnp.asarray(scales[idx]),
-                added=added,
-                neg_added=neg_added,
+            cond = self._chunk_conditioning(
+                [prompts[i] for i in idx],
+                negative,
+                time_ids,
+                None if user_embeds is None else user_embeds[idx],
+                scales[idx],
             )
             latents = sample_latents(
                 sampler,
@@ -272,6 +240,61 @@ class Pipeline:
             images.append(self.decode(latents[:keep], output))
         return np.concatenate(images)
 
+    def _check_args(
+        self,
+        n: int,
+        user_embeds: np.ndarray | None,
+        seeds: Sequence[int] | None,
+        user_scale: float | Sequence[float],
+        output: str,
+    ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+        """:meth:`__call__`'s per-prompt arguments as float32/int arrays of N rows, or raise
+        before anything is compiled."""
+        if output not in ("uint8", "float"):
+            raise ValueError(f"output must be 'uint8' or 'float', got {output!r}")
+        if user_embeds is not None:
+            if self.adapter is None:
+                raise ValueError("user_embeds given, but this pipeline has no adapter")
+            user_embeds = np.asarray(user_embeds, np.float32)
+            if user_embeds.shape != (n, self.user_embed_dim):
+                raise ValueError(
+                    f"user_embeds has shape {user_embeds.shape}; expected ({n}, "
+                    f"{self.user_embed_dim}): one profile embedding per prompt"
+                )
+        seeds = np.arange(n) if seeds is None else np.asarray(seeds)
+        scales = np.broadcast_to(np.asarray(user_scale, np.float32), (n,))
+        if seeds.shape != (n,):
+            raise ValueError(f"{len(seeds)} seeds for {n} prompts")
+        return user_embeds, seeds, scales
+
+    def _chunk_conditioning(
+        self,
+        prompts: Sequence[str],
+        negative: tuple[jax.Array, jax.Array],
+        time_ids: jax.Array | None,
+        user_embeds: np.ndarray | None,
+        scales: np.ndarray,
+    ) -> Conditioning:
+        """One chunk's :class:`Conditioning`: its prompts encoded, the negative prompt's
+        ``(states, pooled)`` broadcast to them; ``time_ids`` set (SDXL) adds pooled text + size."""
+        states, pooled = self.encode_prompts(prompts)
+        neg_states, neg_pooled = negative
+        added = neg_added = None
+        if time_ids is not None:
+            added = {"text_embeds": pooled, "time_ids": time_ids}
+            neg_added = {
+                "text_embeds": jnp.broadcast_to(neg_pooled, pooled.shape),
+                "time_ids": time_ids,
+            }
+        return Conditioning(
+            text_states=states,
+            neg_text_states=jnp.broadcast_to(neg_states, states.shape),
+            user_embeds=None if user_embeds is None else jnp.asarray(user_embeds),
+            user_scale=jnp.asarray(scales),
+            added=added,
+            neg_added=neg_added,
+        )
+
     def decode(self, latents_nhwc: jax.Array, output: str = "uint8") -> np.ndarray:
         """Diffusion latents -> NHWC images (``z = latents / scaling + shift``), float32 in
         [0, 1] (``output="float"``) or uint8."""
@@ -279,3 +302,16 @@ class Pipeline:
         images = np.asarray(self.vae.decode(z), np.float32)  # NCHW in [-1, 1]
         unit = np.transpose(np.clip(images / 2 + 0.5, 0.0, 1.0), (0, 2, 3, 1))
         return unit if output == "float" else to_uint8(unit)
+
+
+def _mesh_shardings(mesh: Any, batch_size: int) -> tuple[Any, Any]:
+    """(batch, replicated) shardings of ``mesh`` for ``sample_latents``; a chunk must split evenly
+    over the data-parallel devices."""
+    from psa_jax.core import parallel
+
+    if batch_size % parallel.data_parallel_size(mesh):
+        raise ValueError(
+            f"batch_size {batch_size} does not split over the mesh's "
+            f"{parallel.data_parallel_size(mesh)} data-parallel devices"
+        )
+    return (parallel.batch_sharding(mesh), parallel.replicated(mesh))

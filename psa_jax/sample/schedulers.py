@@ -6,10 +6,11 @@ Four samplers, named as in :data:`SCHEDULERS`: ``"ddpm"`` (``DDPMScheduler``), `
 
 Everything that depends only on the step index -- timesteps, sigmas, every scalar coefficient --
 is computed once on the host with numpy in float32, in diffusers' operation order, and stored as
-per-step tables in a :class:`SamplerSchedule` pytree. :func:`step` then only indexes the tables
-with a (possibly traced) step index and does the elementwise tensor math, again in diffusers'
-order, so it runs inside ``jax.lax.fori_loop``/``scan`` with no Python branching on the index and
-a schedule with other steps' values (spacing, betas) reuses the compiled loop.
+per-step tables in a :class:`SamplerSchedule` pytree (the builders live in
+:mod:`psa_jax.sample.scheduler_tables`). :func:`step` then only indexes the tables with a
+(possibly traced) step index and does the elementwise tensor math, again in diffusers' order, so
+it runs inside ``jax.lax.fori_loop``/``scan`` with no Python branching on the index and a
+schedule with other steps' values (spacing, betas) reuses the compiled loop.
 
 Not bitwise equal to torch: torch's CPU float32 ``sqrt``/``log``/``exp`` (MKL/SLEEF) are not
 correctly rounded, ours are (``log``/``exp`` are evaluated in float64 and rounded once, which also
@@ -37,10 +38,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from psa_jax.core.diffusion import NoiseSchedule, make_noise_schedule, noise_schedule_from_config
+from psa_jax.sample.scheduler_tables import ddim_tables, ddpm_tables, dpm_tables, euler_tables
 
-_f32 = np.float32
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-SPACINGS = ("leading", "trailing", "linspace")
 
 
 @flax.struct.dataclass
@@ -70,176 +70,6 @@ class SamplerState:
     """What a step carries to the next: DPM-Solver++'s previous x0 prediction, else nothing."""
 
     prev_x0: jax.Array | None = None
-
-
-def _log(x: np.ndarray) -> np.ndarray:
-    with np.errstate(divide="ignore"):
-        return np.log(np.asarray(x, np.float64)).astype(_f32)
-
-
-def _exp(x: np.ndarray) -> np.ndarray:
-    return np.exp(np.asarray(x, np.float64)).astype(_f32)
-
-
-def _spaced(spacing: str, T: int, n: int, offset: int, *, dpm_last: int | None = None, **kw):
-    """``set_timesteps``' numpy code (float64, then cast) as each diffusers scheduler has it.
-
-    DPM-Solver (``dpm_last`` given) spaces n + 1 points over ``[0, dpm_last)`` and drops the
-    last; Euler (``round_linspace=False``) keeps linspace's fractional float32 timesteps.
-    """
-    if spacing not in SPACINGS:
-        raise ValueError(f"unknown timestep_spacing {spacing!r}; choose from {list(SPACINGS)}")
-    m, top = (n, T) if dpm_last is None else (n + 1, dpm_last)
-    if spacing == "trailing":
-        return np.arange(top, 0, -T / n).round().astype(np.int64) - 1
-    if spacing == "linspace" and not kw.get("round_linspace", True):
-        return np.linspace(0, T - 1, n, dtype=_f32)[::-1].copy()
-    if spacing == "linspace":
-        ts = np.linspace(0, top - 1, m).round()[::-1].astype(np.int64)
-    else:
-        ts = (np.arange(0, m) * (top // m)).round()[::-1].astype(np.int64) + offset
-    return ts if dpm_last is None else ts[:-1]
-
-
-def _check_timesteps(ts: np.ndarray, T: int) -> None:
-    if ts.size == 0 or ts.min() < 0 or ts.max() > T - 1:
-        raise ValueError(f"timesteps {ts.tolist()} fall outside [0, {T - 1}]; lower steps_offset")
-
-
-def _clamp_terminal(acp: np.ndarray) -> np.ndarray:
-    # Zero-terminal-SNR schedules end at acp = 0 (infinite sigma); Euler and DPM-Solver set it
-    # to 2**-24 as diffusers does when rescale_betas_zero_snr is set.
-    if acp[-1] != 0:
-        return acp
-    acp = acp.copy()
-    acp[-1] = _f32(2**-24)
-    return acp
-
-
-def _final_sigma(kind: str, acp: np.ndarray) -> np.float32:
-    if kind == "zero":
-        return _f32(0)
-    if kind == "sigma_min":
-        return np.sqrt((1 - acp[0]) / acp[0])
-    raise ValueError(f"unknown final_sigmas_type {kind!r}; choose from ['zero', 'sigma_min']")
-
-
-def _inference_sigmas(ts: np.ndarray, acp: np.ndarray, final_sigmas_type: str) -> np.ndarray:
-    """Train sigmas linearly interpolated at ``ts`` (np.interp in float64), then the final one."""
-    train = _clamp_terminal(acp)
-    sig = np.interp(ts, np.arange(0, len(acp)), np.sqrt((1 - train) / train))
-    return np.concatenate([sig, [_final_sigma(final_sigmas_type, acp)]]).astype(_f32)
-
-
-def _ddpm_tables(acp: np.ndarray, n: int, o: Mapping[str, Any]):
-    T = len(acp)
-    ts = _spaced(o["timestep_spacing"], T, n, o["steps_offset"])
-    _check_timesteps(ts, T)
-    prev = np.concatenate([ts[1:], [-1]])  # diffusers' previous_timestep: the next in the list
-    a_t = acp[ts]
-    a_prev = np.where(prev >= 0, acp[np.maximum(prev, 0)], _f32(1))
-    b_t, b_prev = 1 - a_t, 1 - a_prev
-    cur_alpha = a_t / a_prev
-    cur_beta = 1 - cur_alpha
-    if o["variance_type"] == "fixed_small":
-        var = np.maximum((1 - a_prev) / (1 - a_t) * cur_beta, _f32(1e-20))
-    elif o["variance_type"] == "fixed_large":
-        var = cur_beta
-    else:
-        raise ValueError(f"variance_type {o['variance_type']!r}: use fixed_small or fixed_large")
-    tables = {
-        "sqrt_a": np.sqrt(a_t),
-        "sqrt_b": np.sqrt(b_t),
-        "c_x0": (np.sqrt(a_prev) * cur_beta) / b_t,
-        "c_xt": np.sqrt(cur_alpha) * b_prev / b_t,
-        "std": np.where(ts > 0, np.sqrt(var), _f32(0)),  # diffusers adds no noise at t == 0
-    }
-    return ts.astype(np.int32), tables, _f32(1), {"stochastic": True}
-
-
-def _ddim_tables(acp: np.ndarray, n: int, o: Mapping[str, Any]):
-    T = len(acp)
-    ts = _spaced(o["timestep_spacing"], T, n, o["steps_offset"])
-    _check_timesteps(ts, T)
-    prev = ts - T // n  # diffusers steps back by T // n whatever the spacing
-    final = _f32(1) if o["set_alpha_to_one"] else acp[0]
-    a_t = acp[ts]
-    a_prev = np.where(prev >= 0, acp[np.maximum(prev, 0)], final)
-    b_t, b_prev = 1 - a_t, 1 - a_prev
-    var = (b_prev / b_t) * (1 - a_t / a_prev)
-    eta = _f32(o["eta"])
-    if eta < 0:
-        raise ValueError(f"eta must be >= 0, got {o['eta']}")
-    std = eta * np.sqrt(var)
-    tables = {
-        "sqrt_a": np.sqrt(a_t),
-        "sqrt_b": np.sqrt(b_t),
-        "sqrt_a_prev": np.sqrt(a_prev),
-        "c_dir": np.sqrt(1 - a_prev - std * std),
-        "std": std,
-    }
-    return ts.astype(np.int32), tables, _f32(1), {"stochastic": bool(eta > 0)}
-
-
-def _euler_tables(acp: np.ndarray, n: int, o: Mapping[str, Any]):
-    T = len(acp)
-    spacing = o["timestep_spacing"]
-    ts = _spaced(spacing, T, n, o["steps_offset"], round_linspace=False).astype(_f32)
-    _check_timesteps(ts, T)
-    sigmas = _inference_sigmas(ts, acp, o["final_sigmas_type"])
-    s = sigmas[:-1]
-    s2p1 = s * s + 1
-    tables = {
-        "sigma": s,
-        "in_div": np.sqrt(s2p1),  # scale_model_input: sample / sqrt(sigma^2 + 1)
-        "dt": sigmas[1:] - s,
-        "c_out": -s / np.sqrt(s2p1),  # v-prediction: x0 = v c_out + sample / (sigma^2 + 1)
-        "v_div": s2p1,
-    }
-    top = sigmas.max()
-    init = top if spacing in ("linspace", "trailing") else np.sqrt(top * top + 1)
-    return ts, tables, init, {}
-
-
-def _dpm_tables(acp: np.ndarray, n: int, o: Mapping[str, Any]):
-    T = len(acp)
-    order = o["solver_order"]
-    if order not in (1, 2):
-        raise ValueError(f"solver_order must be 1 or 2 (DPM-Solver++ 2M), got {order}")
-    clip = _f32(o["lambda_min_clipped"])
-    last = T
-    if np.isfinite(clip):  # -inf, the default, clips nothing
-        a2 = _clamp_terminal(acp)
-        lam_train = _log(np.sqrt(a2)) - _log(np.sqrt(1 - a2))
-        last = T - int(np.searchsorted(lam_train[::-1], clip))
-    ts = _spaced(o["timestep_spacing"], T, n, o["steps_offset"], dpm_last=last)
-    _check_timesteps(ts, T)
-    sigmas = _inference_sigmas(ts, acp, o["final_sigmas_type"])
-    alpha = 1 / np.sqrt(sigmas * sigmas + 1)
-    sig = sigmas * alpha
-    lam = _log(alpha) - _log(sig)  # +inf at a final sigma of zero
-    n = len(ts)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        h = lam[1:] - lam[:-1]
-        c_d0 = alpha[1:] * (_exp(-h) - 1)
-        r0 = np.concatenate([[_f32(1)], lam[1:-1] - lam[:-2]]) / h
-        c_r = 1 / r0
-    idx = np.arange(n)
-    low_final = (idx == n - 1) & (
-        o["euler_at_final"]
-        or (o["lower_order_final"] and n < 15)
-        or o["final_sigmas_type"] == "zero"
-    )
-    second = (order == 2) & (idx >= 1) & ~low_final
-    tables = {
-        "alpha": alpha[:-1],  # x0 conversion at sigma_s0
-        "sig": sig[:-1],
-        "c_sample": sig[1:] / sig[:-1],
-        "c_d0": c_d0,
-        "c_d1": np.where(second, _f32(0.5) * c_d0, _f32(0)),  # zero: first-order step
-        "c_r": np.where(second, c_r, _f32(0)),
-    }
-    return ts.astype(np.int32), tables, _f32(1), {}
 
 
 def _x0_from(pred: str, mo: jax.Array, sample: jax.Array, a, b) -> jax.Array:
@@ -320,26 +150,26 @@ _PLAIN_SIGMAS = {
 
 SCHEDULERS: dict[str, _Sampler] = {
     "ddpm": _Sampler(
-        _ddpm_tables,
+        ddpm_tables,
         _ddpm_step,
         {**_COMMON, **_CLIP, "variance_type": "fixed_small"},
         _NOT_THRESHOLDED,
     ),
     "ddim": _Sampler(
-        _ddim_tables,
+        ddim_tables,
         _ddim_step,
         {**_COMMON, **_CLIP, "set_alpha_to_one": False, "eta": 0.0},
         _NOT_THRESHOLDED,
     ),
     "euler": _Sampler(
-        _euler_tables,
+        euler_tables,
         _euler_step,
         {"timestep_spacing": "linspace", "steps_offset": 1, "final_sigmas_type": "zero"},
         {**_PLAIN_SIGMAS, "interpolation_type": "linear", "timestep_type": "discrete"},
         scales_input=True,
     ),
     "dpmpp_2m": _Sampler(
-        _dpm_tables,
+        dpm_tables,
         _dpm_step,
         {
             "timestep_spacing": "linspace",
@@ -404,7 +234,7 @@ def make_sampler_schedule(
     pred = noise_schedule.prediction_type
     if pred not in PREDICTION_TYPES:
         raise ValueError(f"unsupported prediction_type {pred!r}; choose from {PREDICTION_TYPES}")
-    acp = np.asarray(noise_schedule.alphas_cumprod, _f32)
+    acp = np.asarray(noise_schedule.alphas_cumprod, np.float32)
     n = int(num_inference_steps)
     if not 1 <= n <= len(acp):
         raise ValueError(
@@ -415,7 +245,7 @@ def make_sampler_schedule(
     clip = float(opts["clip_sample_range"]) if opts.get("clip_sample") else None
     return SamplerSchedule(
         timesteps=jnp.asarray(ts),
-        tables={k: jnp.asarray(np.asarray(v, _f32)) for k, v in tables.items()},
+        tables={k: jnp.asarray(np.asarray(v, np.float32)) for k, v in tables.items()},
         init_sigma=jnp.asarray(init_sigma, jnp.float32),
         name=name,
         prediction_type=pred,
