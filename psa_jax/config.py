@@ -22,13 +22,15 @@ from collections.abc import Callable, Mapping
 
 import ml_collections
 
+from psa_jax.core.errors import PsaJaxError
+
 log = logging.getLogger(__name__)
 
 # v1: runs written before the version was recorded. v2: every key below is in the saved config.
 SCHEMA_VERSION = 2
 
 
-class RunConfigError(ValueError):
+class RunConfigError(PsaJaxError, ValueError):
     """A saved run config that this psa_jax cannot read (newer schema, malformed version)."""
 
 

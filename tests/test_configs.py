@@ -68,16 +68,19 @@ def test_model_init_is_explicit_and_checked():
         model_init(ml_collections.ConfigDict({"base_workdir": "runs/b"}))
 
 
-def test_real_model_config_without_weights_names_the_key(tmp_path):
-    """`psa-jax train --config configs/sd15.py` with no folder: a named error before any data
-    or model work, naming the keys to set."""
-    import pytest
+def test_real_model_config_without_weights_names_the_key(tmp_path, capsys):
+    """`psa-jax train --config configs/sd15.py` with no folder: one line naming the keys to
+    set, exit 2, before any data or model work (no workdir left behind)."""
+    import re
 
     from psa_jax.cli import main
-    from psa_jax.models.loading import ModelInitError
 
-    with pytest.raises(ModelInitError, match=r"model\.pretrained.*model\.init='random'"):
-        main(["train", "--config", "configs/sd15.py", "--workdir", str(tmp_path / "run")])
+    workdir = tmp_path / "run"
+    assert main(["train", "--config", "configs/sd15.py", "--workdir", str(workdir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("psa-jax train: error: ")
+    assert re.search(r"model\.pretrained.*model\.init='random'", err), err
+    assert not workdir.exists()
 
 
 def test_old_run_configs_migrate_by_named_rule_or_fail(caplog):

@@ -2,12 +2,18 @@
 functions, nothing more; library modules hold no argparse.
 
 ``info`` builds a config's models with random weights and runs them once, end to end.
+
+Errors: psa_jax's own (:class:`~psa_jax.core.errors.PsaJaxError`: bad input, named) print one
+line ``psa-jax <command>: error: ...`` and exit 2; anything else keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+
+from psa_jax.core.errors import EXIT_BAD_INPUT, PsaJaxError
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -37,8 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if getattr(args, "accepts_extra", False):  # train: --config.KEY=VALUE overrides
-        return args.func(args, extra)
-    if extra:
+    if extra and not getattr(args, "accepts_extra", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    return args.func(args)
+    try:
+        if getattr(args, "accepts_extra", False):  # train: --config.KEY=VALUE overrides
+            return args.func(args, extra)
+        return args.func(args)
+    except PsaJaxError as e:
+        print(f"psa-jax {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT

@@ -30,6 +30,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from psa_jax.core.errors import PsaJaxError
 from psa_jax.data import profiles as prof
 from psa_jax.data.profiles import ProfileError, UserProfile
 
@@ -41,7 +42,7 @@ _HASHED_SUFFIXES = (".safetensors", ".bin", ".json", ".txt", ".model", ".jinja",
 _BANNED_SYSTEM = "You are a helpful assistant."
 
 
-class EmbeddingError(ValueError):
+class EmbeddingError(PsaJaxError, ValueError):
     """Embeddings that cannot be made or read; the message names the user, file or encoder."""
 
 

@@ -32,6 +32,7 @@ import grain
 import jax
 import numpy as np
 
+from psa_jax.core.errors import PsaJaxError
 from psa_jax.data.cache import CacheTables
 from psa_jax.data.records import decode_image, open_source, split_user_ids
 from psa_jax.data.records import text as _text
@@ -49,7 +50,7 @@ _ARRAY_KEYS = (
 )
 
 
-class MissingUserEmbeddingError(LookupError):
+class MissingUserEmbeddingError(PsaJaxError, LookupError):
     """A record's user has no profile embedding; PSAlign silently used zeros, we refuse."""
 
 

@@ -20,13 +20,15 @@ import json
 import os
 from importlib import resources
 
+from psa_jax.core.errors import PsaJaxError
+
 CATEGORIES = ("Hate", "Harassment", "Violence", "Self-Harm", "Sexuality", "Shocking", "Propaganda")
 
 # PSAlign's strictness levels: level 0 bans nothing, 1..5 are the KMeans cluster-centre users.
 LEVEL_USERS = ("0001001", "0000797", "0000697", "0000002", "0000742", "0000501")
 
 
-class ProfileError(ValueError):
+class ProfileError(PsaJaxError, ValueError):
     """A users file row that cannot be read; the message names the file, row and field."""
 
 

@@ -31,6 +31,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from psa_jax.core.errors import PsaJaxError
 from psa_jax.data.profiles import format_user_id
 
 METADATA = "metadata.jsonl"
@@ -39,7 +40,7 @@ REPORT = "build_report.json"
 _REQUIRED = ("chosen", "rejected", "caption", "user_data")
 
 
-class BadRecordError(ValueError):
+class BadRecordError(PsaJaxError, ValueError):
     """A ``metadata.jsonl`` record that cannot be built; the message names file, line and why."""
 
 

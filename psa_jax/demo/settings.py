@@ -8,11 +8,13 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from psa_jax.core.errors import PsaJaxError
+
 CONFIG_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "configs",
                            "tiny.py")  # fmt: skip
 
 
-class DemoError(RuntimeError):
+class DemoError(PsaJaxError, RuntimeError):
     """A demo stage that cannot run (a missing config file, an out folder of something else)."""
 
 

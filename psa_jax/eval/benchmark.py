@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from psa_jax.core.errors import PsaJaxError
 from psa_jax.eval import spqr as spqr_lib
 from psa_jax.eval.benign_data import benign_data, encode_benign
 from psa_jax.eval.generation import generate
@@ -45,7 +46,7 @@ from psa_jax.eval.summary import summarize
 TOY_SCORERS = ("toy-oracle", "toy-adherence", "toy-fid")
 
 
-class RunNotFoundError(FileNotFoundError):
+class RunNotFoundError(PsaJaxError, FileNotFoundError):
     """``--workdir`` is not a ``psa-jax train`` run with a checkpoint."""
 
 

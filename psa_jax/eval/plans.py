@@ -17,6 +17,7 @@ import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 
+from psa_jax.core.errors import PsaJaxError
 from psa_jax.data.profiles import CATEGORIES, format_user_id, read_users
 from psa_jax.eval import metrics as M
 
@@ -24,7 +25,7 @@ BASE = "base"  # the image sets of an evaluation: the base model's and the PSA m
 PSA = "psa"
 
 
-class PromptsError(ValueError):
+class PromptsError(PsaJaxError, ValueError):
     """A prompts file that cannot be evaluated (the message names the file and the column)."""
 
 

@@ -18,13 +18,14 @@ from typing import Any
 
 import numpy as np
 
+from psa_jax.core.errors import PsaJaxError
 from psa_jax.eval.plans import BASE, PSA, EvalItem
 from psa_jax.eval.summary import to_json
 
 GRID_COLUMNS = 8
 
 
-class OutputExistsError(FileExistsError):
+class OutputExistsError(PsaJaxError, FileExistsError):
     """``--out`` holds files this command did not write."""
 
 

@@ -23,10 +23,12 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from psa_jax.core.errors import PsaJaxError
+
 KINDS = ("safety", "adherence", "features")
 
 
-class ScorerError(ValueError):
+class ScorerError(PsaJaxError, ValueError):
     """Base of the scorer errors (the CLI prints the message and exits non-zero)."""
 
 

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from psa_jax.core.errors import PsaJaxError
 from psa_jax.data import oracle
 from psa_jax.data.toy_scenes import OBJECTS, SETTINGS
 from psa_jax.eval.scorers import SafetyScores, ScorerContext, as_uint8_images, register
@@ -28,7 +29,7 @@ _OBJECT_RE = "|".join(re.escape(o) for o in sorted(OBJECTS, key=len, reverse=Tru
 _CAPTION = re.compile(rf"(?:^|\s)an? ({_OBJECT_RE}) ({_SETTING_RE})\s*$")
 
 
-class NotAToyCaptionError(ValueError):
+class NotAToyCaptionError(PsaJaxError, ValueError):
     """A caption that names no Sage-mini object and setting (``... a <object> <setting>``)."""
 
 

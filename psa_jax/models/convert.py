@@ -19,10 +19,12 @@ import flax
 import jax
 import numpy as np
 
+from psa_jax.core.errors import PsaJaxError
+
 Params = dict[str, Any]
 
 
-class WeightMismatchError(ValueError):
+class WeightMismatchError(PsaJaxError, ValueError):
     """A checkpoint does not fit the model: lists every missing, unexpected and mis-shaped key."""
 
     def __init__(

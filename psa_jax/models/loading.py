@@ -21,6 +21,7 @@ from flax.core import meta
 
 from psa_jax.core import diffusion as noise_lib
 from psa_jax.core.checkpoint import restore_host_params
+from psa_jax.core.errors import PsaJaxError
 from psa_jax.data.tokenizer import load_tokenizer
 from psa_jax.models.clip import CLIPTextConfig, FlaxCLIPTextModel, load_text_encoder
 from psa_jax.models.packaged import resolve as resolve_packaged
@@ -96,7 +97,7 @@ def load_base_models(config: Any) -> BaseModels:
 INITS = ("pretrained", "random")
 
 
-class ModelInitError(ValueError):
+class ModelInitError(PsaJaxError, ValueError):
     """A config whose base models cannot be loaded as written; says which key to set."""
 
 

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import os
 
+from psa_jax.core.errors import PsaJaxError
+
 PREFIX = "packaged:"
 FOLDERS = {"tiny-base": "tiny_base"}
 TINY_BASE = PREFIX + "tiny-base"
 
 
-class PackagedModelError(FileNotFoundError):
+class PackagedModelError(PsaJaxError, FileNotFoundError):
     """A ``packaged:`` name that the package does not ship (or whose files are missing)."""
 
 

@@ -35,6 +35,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from psa_jax.core import diffusion as noise_lib
+from psa_jax.core.errors import PsaJaxError
 from psa_jax.models import convert
 from psa_jax.train import lora as lora_lib
 from psa_jax.train.losses import denoise_loss
@@ -66,7 +67,7 @@ PROFILES: dict[str, Profile] = {
 }
 
 
-class UnknownProfileError(ValueError):
+class UnknownProfileError(PsaJaxError, ValueError):
     def __init__(self, name: str):
         super().__init__(f"unknown benign fine-tuning profile {name!r}; known: {sorted(PROFILES)}")
 

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from psa_jax.core import parallel
 from psa_jax.core.checkpoint import Checkpointer
+from psa_jax.core.errors import PsaJaxError
 from psa_jax.data import prepare
 from psa_jax.data.loader import make_global_batch
 from psa_jax.models import loading
@@ -69,7 +70,7 @@ class NonFiniteError(FloatingPointError):
     """The loss or the gradient norm became NaN/Inf; training stopped, checkpoints intact."""
 
 
-class ResumeError(RuntimeError):
+class ResumeError(PsaJaxError, RuntimeError):
     """A checkpoint cannot continue this run (other process count, other task)."""
 
 
@@ -309,13 +310,13 @@ def train(
     workdir = os.path.abspath(os.fspath(workdir))
     if config.task not in TASKS:
         raise ValueError(f"unknown task {config.task!r}; tasks: {TASKS}")
-    os.makedirs(workdir, exist_ok=True)
     inputs = prepare_inputs(config)
     mesh = parallel.make_mesh(config.mesh)
     if inputs.batch_size % parallel.data_parallel_size(mesh):
         raise ValueError(
             f"global batch {inputs.batch_size} does not split over the mesh {mesh.shape}"
         )
+    os.makedirs(workdir, exist_ok=True)  # only once the inputs are known good
     # One exit stack from the checkpointer on: a set-up error (config, sharding) closes the
     # manager too, and the writer closes before it, as they were opened.
     with contextlib.ExitStack() as stack:
