@@ -31,12 +31,20 @@ CHAT_TEMPLATE = (
 )
 
 
+def first_users(n: int) -> str:
+    """The header and first ``n`` rows of PSAlign's users.csv, with the User_ID column a cut
+    of the file needs (row i is user i only in the whole, packaged file)."""
+    with open(USERS_CSV, encoding="utf-8") as f:
+        lines = f.read().splitlines()[: n + 1]
+    rows = [f"{line},{i:07d}" for i, line in enumerate(lines[1:], start=1)]
+    return "\n".join([lines[0] + ",User_ID", *rows]) + "\n"
+
+
 @pytest.fixture(scope="module")
 def users8(tmp_path_factory) -> str:
     """The first 8 rows of PSAlign's users.csv (users 0000001..0000008)."""
     path = tmp_path_factory.mktemp("users") / "users.csv"
-    with open(USERS_CSV, encoding="utf-8") as f:
-        path.write_text("".join(f.readlines()[:9]), encoding="utf-8")
+    path.write_text(first_users(8), encoding="utf-8")
     return str(path)
 
 
@@ -179,10 +187,10 @@ def test_npy_wrong_file_is_named(tmp_path, bad, what):
     src_dir = tmp_path / "src"
     src_dir.mkdir()
     shutil.copy(os.path.join(EMBEDDINGS, "0000001.npy"), src_dir / "0000001.npy")
+    # A third good file: the size to expect is the majority's (a 1:1 tie has none).
+    shutil.copy(os.path.join(EMBEDDINGS, "0000001.npy"), src_dir / "0000003.npy")
     np.save(src_dir / "0000002.npy", bad)
-    (tmp_path / "users.csv").write_text(
-        "".join(open(USERS_CSV, encoding="utf-8").readlines()[:3]), encoding="utf-8"
-    )
+    (tmp_path / "users.csv").write_text(first_users(2), encoding="utf-8")
     with pytest.raises(EmbeddingFileError, match=what) as err:
         embed_profiles(tmp_path / "users.csv", f"npy:{src_dir}", tmp_path / "out")
     assert "0000002.npy" in str(err.value)

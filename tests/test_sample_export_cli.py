@@ -17,6 +17,7 @@ from test_trainer import small_config
 import psa_jax
 from psa_jax import cli
 from psa_jax.core.checkpoint import restore_host_params
+from psa_jax.export.formats import export_run
 from psa_jax.sample.pipeline import Pipeline
 from psa_jax.train import trainer
 
@@ -84,11 +85,21 @@ def test_prompts_csv_rows_use_their_own_users(run, tmp_path, monkeypatch, capsys
     with open(path, "a", newline="") as f:
         csv.writer(f).writerow(["c_u.jpg", PROMPTS[0], "999999"])
     capsys.readouterr()
+    drawn = []
+    monkeypatch.setattr(Pipeline, "__call__", lambda self, *a, **k: drawn.append(a))
     assert cli.main([*argv[:-4], "--out", str(tmp_path / "bad"), "--steps", "2"]) == 2
-    assert "0999999" in capsys.readouterr().err  # one line, no traceback
+    err = capsys.readouterr().err
+    assert "0999999" in err and workdir in err and "Traceback" not in err  # one line
+    # The run's own table is known once the run is loaded: checked then, before any image
+    # (here the base row would have been drawn first), and --out is never created.
+    grid = ["sample", "--workdir", workdir, "--users", "base,999999", "--prompt", PROMPTS[0]]
+    assert cli.main([*grid, "--out", str(tmp_path / "bad")]) == 2
+    assert "0999999" in capsys.readouterr().err
+    assert not drawn and not (tmp_path / "bad").exists()
+    assert not [f for f in os.listdir(tmp_path) if ".partial-" in f]
 
 
-def test_export_formats_load_back(run, tmp_path):
+def test_export_formats_load_back(run, tmp_path, capsys):
     from diffusers import UNet2DConditionModel
 
     workdir, _ = run
@@ -117,8 +128,21 @@ def test_export_formats_load_back(run, tmp_path):
     ip = str(tmp_path / "ip")
     assert export("diffusers-ip-adapter", ip) == 0
     assert os.path.isfile(os.path.join(ip, "ip_adapter.safetensors"))
-    with pytest.raises(ValueError, match="not a LoRA run"):
-        export("peft-lora", str(tmp_path / "lora.safetensors"))
+    assert export("diffusers-ip-adapter", ip) == 0  # an earlier export is replaced
+    assert os.listdir(ip) == ["ip_adapter.safetensors"]
+    assert export("psalign", out) == 0  # a file too
+    capsys.readouterr()
+    assert export("peft-lora", str(tmp_path / "lora.safetensors")) == 2  # before any model
+    assert "not a LoRA run" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="not a LoRA run"):  # still a ValueError
+        export_run(workdir, "peft-lora", str(tmp_path / "lora.safetensors"))
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("someone's")
+    assert export("diffusers-unet", str(tmp_path / "mine")) == 2  # other files: refused
+    assert "notes.txt" in capsys.readouterr().err
+    assert os.listdir(tmp_path / "mine") == ["notes.txt"]
+    assert not os.path.exists(tmp_path / "lora.safetensors")
+    assert not [f for f in os.listdir(tmp_path) if ".partial-" in f or ".old-" in f]
 
 
 def test_an_adapter_file_replaces_the_runs_adapter(run, tmp_path):

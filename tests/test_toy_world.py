@@ -2,7 +2,6 @@
 
 import argparse
 import csv
-import hashlib
 import json
 import os
 import time
@@ -10,6 +9,7 @@ import time
 import numpy as np
 import pytest
 from PIL import Image
+from snapshots import tree_digest
 
 from psa_jax.cli.data import register_toy
 from psa_jax.data import toy_scenes, toy_world
@@ -50,16 +50,6 @@ def _jsonl(path):
 def _csv(path):
     with open(path, newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
-
-
-def _tree_digest(root):
-    out = {}
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            path = os.path.join(dirpath, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
-    return out
 
 
 def _expected(scenes_, unsafe: bool) -> np.ndarray:
@@ -159,10 +149,10 @@ def test_same_seed_same_bytes_other_seed_differs(world, tmp_path):
     out, summary = world
     again = make_toy_world(tmp_path / "b", USERS_CSV, SMALL)
     assert again == summary
-    assert _tree_digest(tmp_path / "b") == _tree_digest(out)
+    assert tree_digest(tmp_path / "b") == tree_digest(out)
     other = make_toy_world(tmp_path / "c", USERS_CSV, ToyWorldConfig(**{**vars(SMALL), "seed": 1}))
     assert other["users"]["unseen"] != summary["users"]["unseen"]
-    a, c = _tree_digest(out), _tree_digest(tmp_path / "c")
+    a, c = tree_digest(out), tree_digest(tmp_path / "c")
     assert a["train/metadata.jsonl"] != c["train/metadata.jsonl"]
     common = sorted(set(a) & set(c) - {"users.csv", "summary.json"})
     assert sum(a[k] != c[k] for k in common) > 0.9 * len(common)

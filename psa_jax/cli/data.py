@@ -8,6 +8,7 @@ import json
 import os
 
 from psa_jax.data.embed import embed_profiles, get_encoder
+from psa_jax.data.profiles import read_users
 from psa_jax.data.sage import build_data
 from psa_jax.data.toy_scenes import ToyWorldConfig
 from psa_jax.data.toy_world import USERS_ENV, default_users_csv, make_toy_world
@@ -18,11 +19,17 @@ def _make_toy_data(args: argparse.Namespace) -> int:
     config = ToyWorldConfig(
         seed=args.seed, num_users=args.num_users, num_unseen_users=args.num_unseen_users
     )
-    summary = make_toy_world(args.out, users, config)
+    summary = make_toy_world(args.out, users, config, ids_from_row_order=args.ids_from_row_order)
     counts = {name: {k: v for k, v in split.items() if k != "per_category"}
               for name, split in summary["splits"].items()}  # fmt: skip
     print(json.dumps({"out": os.fspath(args.out), "users": users, "splits": counts}, indent=2))
     return 0
+
+
+def _add_ids_from_row_order(p: argparse.ArgumentParser) -> None:
+    help_ = ("the users file has no User_ID column: user N is its row N (1 = first row). "
+             "Not needed for PSAlign's own users.csv")  # fmt: skip
+    p.add_argument("--ids-from-row-order", action="store_true", help=help_)
 
 
 def register_toy(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -36,6 +43,7 @@ def register_toy(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
     p.add_argument("--num-users", type=int, default=defaults.num_users, help=seen_help)
     p.add_argument("--num-unseen-users", type=int, default=defaults.num_unseen_users)
     p.add_argument("--users", default=None, help=users_help)
+    _add_ids_from_row_order(p)
     p.set_defaults(func=_make_toy_data)
     return p
 
@@ -66,8 +74,10 @@ def register_build(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _embed_profiles(args: argparse.Namespace) -> int:
+    read_users(args.users, ids_from_row_order=args.ids_from_row_order)  # fail before loading
     src = get_encoder(args.encoder, device=args.device, dtype=args.dtype)
     kw = dict(banned_from=args.banned_from, max_new_tokens=args.max_new_tokens)
+    kw["ids_from_row_order"] = args.ids_from_row_order
     manifest = embed_profiles(args.users, src, args.out, batch_size=args.batch_size, **kw)
     keys = ("encoder", "dim", "checksum", "num_users", "banned_from")
     print(json.dumps({"out": args.out, **{k: manifest[k] for k in keys}}, indent=2))
@@ -78,8 +88,10 @@ def register_embed(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
     """Add ``embed-profiles`` to the ``psa-jax`` command line."""
     p = subparsers.add_parser("embed-profiles", help="one embedding .npy per user of a users CSV")
     p.add_argument("--users", required=True, help="users.csv (PSAlign layout)")
+    _add_ids_from_row_order(p)
     p.add_argument("--encoder", default="minilm", help="minilm | causal-lm:PATH | npy:DIR")
-    p.add_argument("--out", required=True, help="output folder: <user_id>.npy + manifest.json")
+    out_help = "output folder: <user_id>.npy + manifest.json (an existing one gets new users added)"
+    p.add_argument("--out", required=True, help=out_help)
     p.add_argument("--banned-from", choices=("csv", "llm"), default="csv")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=256, help="for --banned-from llm")

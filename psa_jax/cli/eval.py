@@ -14,6 +14,8 @@ import os
 import sys
 from typing import Any
 
+from psa_jax.core.checkpoint import RunNotFoundError, require_run
+from psa_jax.core.outputs import OutputExistsError
 from psa_jax.data.embed import MissingEmbeddingError
 from psa_jax.eval import benchmark, report
 from psa_jax.eval.plans import PromptsError, read_prompt_rows
@@ -58,7 +60,7 @@ def _preflight(args: argparse.Namespace, settings: Any, marker: str) -> dict[str
     """Every check that needs no model: out folder, run folder, prompts file, scorers."""
     report.check_out(args.out, marker)
     if getattr(args, "workdir", None):
-        benchmark.check_run(args.workdir)
+        require_run(args.workdir)
     if args.prompts not in (None, "toy"):
         read_prompt_rows(args.prompts, 1)
     return benchmark.build_scorers(settings)
@@ -81,8 +83,8 @@ def _guard(name: str, fn, args: argparse.Namespace) -> int:
     except (
         ScorerError,
         PromptsError,
-        benchmark.RunNotFoundError,
-        report.OutputExistsError,
+        RunNotFoundError,
+        OutputExistsError,
         MissingEmbeddingError,
         FileNotFoundError,
     ) as e:

@@ -9,6 +9,11 @@
 * ``peft-lora``: a LoRA ``denoise`` run's factors in diffusers/PEFT naming;
 * ``diffusers-pipeline``: a full-UNet ``denoise`` run (a base) with its text encoder, VAE and
   tokenizer as a StableDiffusionPipeline folder plus ``recipe.json`` (how the tiny base ships).
+
+A folder that is not a run, a run without a checkpoint (or without ``--step``), a run whose task
+does not fit the format, or an ``--out`` folder of other files is one line on stderr and exit
+status 2, before any model is built. The result is written under a temporary name beside
+``--out`` (``<out>.partial-<pid>``) and renamed into place when complete.
 """
 
 from __future__ import annotations

@@ -55,7 +55,8 @@ def _train_cmd(args: Any, extra: list[str]) -> int:
         config.seed = args.seed
     init_distributed(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    summary = train(config, args.workdir)
+    summary = train(config, args.workdir, restore_step=args.restore_step,
+                    fallback_on_corrupt=args.fallback_on_corrupt)  # fmt: skip
     if jax.process_index() == 0:
         print(json.dumps(summary, indent=2))
     return 0
@@ -72,6 +73,20 @@ def register(subparsers: Any) -> None:
     p.add_argument("--steps", type=int, help="override train.steps")
     p.add_argument("--checkpoint-every", type=int, help="override train.checkpoint_every")
     p.add_argument("--seed", type=int, help="override seed")
+    p.add_argument(
+        "--restore-step",
+        type=int,
+        metavar="N",
+        help="resume from checkpoint step N instead of the newest; newer steps are moved aside "
+        "(checkpoints/<step>.set-aside-<time>), not deleted",
+    )
+    p.add_argument(
+        "--fallback-on-corrupt",
+        action="store_true",
+        help="when the newest step cannot be read, resume from the newest readable one (logged); "
+        "unreadable steps are moved aside (checkpoints/<step>.damaged-<time>), not deleted. "
+        "Default: stop with an error naming the step",
+    )
     p.add_argument(
         "--distributed",
         action="store_true",

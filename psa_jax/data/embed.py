@@ -13,19 +13,26 @@ Encoders are named by a spec string, looked up in :data:`ENCODERS` (never ``geta
 
 Training must never see a made-up vector: :func:`load_embeddings` raises
 :class:`MissingEmbeddingError` for a user without a file, where PSAlign trains on zeros.
+
+A folder only grows: :func:`embed_profiles` into a folder that already holds embeddings adds the
+new users with the same encoder and never replaces or drops a vector. Files are written to a
+temporary name and renamed into place, the manifest last, so the manifest never lists a file
+that is not there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import inspect
 import json
 import os
 import re
+import uuid
+from collections import Counter
 from collections.abc import Callable, Sequence
 from importlib import resources
-from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -35,6 +42,8 @@ from psa_jax.data import profiles as prof
 from psa_jax.data.profiles import ProfileError, UserProfile
 
 MANIFEST = "manifest.json"
+# A user embedded again into a folder that has them must get their vector up to rounding.
+SAME_VECTOR_RTOL, SAME_VECTOR_ATOL = 1e-4, 1e-6
 FORMAT = "psa_jax.profile_embeddings/1"
 _ID_FILE = re.compile(r"^(\d{7})\.npy$")
 _HASHED_SUFFIXES = (".safetensors", ".bin", ".json", ".txt", ".model", ".jinja", ".tiktoken")
@@ -235,17 +244,51 @@ class MiniLMEncoder(_TorchEncoder):
         return self._torch.nn.functional.normalize(pooled, p=2, dim=1)
 
 
-def _read_vector(path: str, dim: int | None) -> np.ndarray:
+def _read_vector(path: str, dim: int | None, dim_from: str = "") -> np.ndarray:
+    """One ``(dim,)`` float32 finite vector; ``dim_from`` says where ``dim`` came from."""
     try:
         vec = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as err:
         raise EmbeddingFileError(f"{path}: not a readable .npy file ({err})") from None
     if vec.dtype != np.float32 or vec.ndim != 1 or (dim is not None and vec.shape[0] != dim):
         want = f"({dim},)" if dim else "(D,)"
-        raise EmbeddingFileError(f"{path}: {vec.dtype} {vec.shape}, expected float32 {want}")
+        why = f" ({dim_from})" if dim and dim_from else ""
+        raise EmbeddingFileError(f"{path}: {vec.dtype} {vec.shape}, expected float32 {want}{why}")
     if not np.isfinite(vec).all():
         raise EmbeddingFileError(f"{path}: holds NaN or inf")
     return vec
+
+
+def _npy_length(path: str) -> int | None:
+    """The length of a 1-D ``.npy`` from its header alone; None for anything else."""
+    fmt = np.lib.format
+    readers = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}
+    try:
+        with open(path, "rb") as f:
+            read = readers.get(np.lib.format.read_magic(f))
+            shape = read(f)[0] if read else np.load(path, allow_pickle=False).shape
+    except (OSError, ValueError):
+        return None
+    return int(shape[0]) if len(shape) == 1 else None
+
+
+def _read_manifest(directory: str) -> dict:
+    """The ``manifest.json`` of an embeddings folder, checked for format and required keys."""
+    path = os.path.join(directory, MANIFEST)
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as err:
+        raise EmbeddingError(f"{path}: not a readable manifest ({err})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise EmbeddingError(f"{path}: format {got!r}, expected {FORMAT!r}")
+    missing = [k for k in ("encoder", "dim", "checksum", "user_ids") if k not in manifest]
+    if missing:
+        raise EmbeddingError(f"{path}: missing keys {missing}")
+    if not isinstance(manifest["dim"], int) or manifest["dim"] <= 0:
+        raise EmbeddingError(f"{path}: dim {manifest['dim']!r} is not a positive integer")
+    return manifest
 
 
 class NpyVectors:
@@ -264,19 +307,41 @@ class NpyVectors:
         }
         if not self.files:
             raise EmbeddingError(f"npy: no <7-digit id>.npy files in {folder}")
-        self.dim = int(_read_vector(next(iter(self.files.values())), None).shape[0])
+        self.dim, self.dim_from = self._expected_dim()
         h = hashlib.sha256()
         for uid, path in self.files.items():
             with open(path, "rb") as fh:
                 h.update(uid.encode() + b"\0" + fh.read())
         self.checksum = "sha256:" + h.hexdigest()
 
+    def _expected_dim(self) -> tuple[int, str]:
+        """The vector size every file must have, and where it came from: the folder's manifest
+        ``dim`` where it has one, else the size most of its files have (never merely the first
+        file read, which would blame the good files for one odd file)."""
+        if os.path.isfile(os.path.join(self.folder, MANIFEST)):
+            dim = _read_manifest(self.folder)["dim"]
+            return dim, f"the dim of {os.path.join(self.folder, MANIFEST)}"
+        lengths = {f: _npy_length(f) for f in self.files.values()}
+        counts = Counter(n for n in lengths.values() if n is not None).most_common()
+        if not counts:  # no 1-D file at all: the first one's error says what it holds
+            first = next(iter(self.files.values()))
+            _read_vector(first, None)
+            raise EmbeddingFileError(f"{first}: not a 1-D .npy file")
+        if len(counts) > 1 and counts[0][1] == counts[1][1]:
+            example = {n: os.path.basename(f) for f, n in reversed(lengths.items())}
+            sizes = "; ".join(f"({n},) in {c} file(s), e.g. {example[n]}" for n, c in counts)
+            raise EmbeddingFileError(
+                f"npy: {self.folder}: no majority vector size to check against: {sizes}"
+            )
+        (dim, count), total = counts[0], len(self.files)
+        return dim, f"the size of {count} of the {total} files in {self.folder}"
+
     def vectors(self, user_ids: Sequence[str]) -> np.ndarray:
         """``[N, dim]`` float32 for ``user_ids``; every file is checked against ``dim``."""
         missing = [u for u in user_ids if u not in self.files]
         if missing:
             raise MissingEmbeddingError(missing, self.folder)
-        rows = [_read_vector(self.files[u], self.dim) for u in user_ids]
+        rows = [_read_vector(self.files[u], self.dim, self.dim_from) for u in user_ids]
         return np.stack(rows) if rows else np.zeros((0, self.dim), np.float32)
 
 
@@ -308,6 +373,64 @@ def _with_banned(profile: UserProfile, banned: tuple[str, ...]) -> UserProfile:
     return dataclasses.replace(profile, banned=tuple(sorted(banned)), allowed=allowed)
 
 
+def _atomic_write(path: str, write: Callable[[object], None]) -> None:
+    """Write ``path`` through a temporary file beside it, synced, then renamed into place: a
+    crash leaves either the old file or the new one, never half of one."""
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def _sync_folder(folder: str) -> None:
+    """Make the renames in ``folder`` durable (where the platform can; a no-op elsewhere)."""
+    with contextlib.suppress(OSError, AttributeError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _check_same_source(old: dict, src: Source, banned_from: str | None, out_dir: str) -> None:
+    """Vectors of one folder must come from one encoder (name, checksum, dim) and one recipe."""
+    ours = (src.name, src.checksum, int(src.dim))
+    theirs = (old["encoder"], old["checksum"], old["dim"])
+    if ours != theirs:
+        raise EmbeddingError(
+            f"{out_dir} holds embeddings of encoder {theirs[0]} ({theirs[1]}, dim {theirs[2]}), "
+            f"not {ours[0]} ({ours[1]}, dim {ours[2]}); nothing written: embed into another "
+            "folder (--out)"
+        )
+    if old.get("banned_from") != banned_from:
+        raise EmbeddingError(
+            f"{out_dir} holds embeddings made with banned_from={old.get('banned_from')!r}, not "
+            f"{banned_from!r}; nothing written: embed into another folder (--out)"
+        )
+
+
+def _same_vector(old: np.ndarray, new: np.ndarray) -> bool:
+    """Equal up to rounding: who shares a user's batch moves the last bits (MiniLM: ~1e-7),
+    while another profile or encoder moves whole digits. The old vector is the one kept."""
+    return bool(np.allclose(new, old, rtol=SAME_VECTOR_RTOL, atol=SAME_VECTOR_ATOL))
+
+
+def _runs(manifest: dict) -> list[dict]:
+    """The manifest's record of the runs that filled the folder (older manifests: one run)."""
+    if "runs" in manifest:
+        return list(manifest["runs"])
+    keys = ("users_csv", "users_csv_sha256", "banned_from")
+    return [{**{k: manifest.get(k) for k in keys}, "added": len(manifest["user_ids"])}]
+
+
 def embed_profiles(
     users_csv: str | os.PathLike,
     encoder: str | Source,
@@ -316,24 +439,41 @@ def embed_profiles(
     banned_from: str = "csv",
     batch_size: int = 8,
     max_new_tokens: int = 256,
+    ids_from_row_order: bool = False,
 ) -> dict:
     """Write one ``<user_id>.npy`` per user of ``users_csv`` plus ``manifest.json``.
 
     ``banned_from="llm"`` (causal-lm only) asks the LLM for each user's banned categories with
     PSAlign's ``get_banned.txt`` (greedy), and those replace the CSV's in the embed prompt; the
     answers go into the manifest. Returns the manifest. Same inputs give identical files.
+
+    Where ``out_dir`` already holds embeddings (a manifest), the new users are added to them:
+    the encoder (and ``banned_from``) must be the manifest's, and a user already there must get
+    the same vector up to rounding (:data:`SAME_VECTOR_RTOL`); either mismatch is an
+    :class:`EmbeddingError` and nothing is written. Existing vectors are never rewritten; the
+    manifest lists the union, old users first, and ``runs`` records each users file that
+    contributed. A run that adds no user changes nothing.
+    ``ids_from_row_order`` is passed to :func:`~psa_jax.data.profiles.read_users`.
     """
     if banned_from not in ("csv", "llm"):
         raise EmbeddingError(f"banned_from must be 'csv' or 'llm', got {banned_from!r}")
     src = get_encoder(encoder) if isinstance(encoder, str) else encoder
     users_csv, out_dir = os.fspath(users_csv), os.fspath(out_dir)
-    profiles = prof.read_users(users_csv)
+    profiles = prof.read_users(users_csv, ids_from_row_order=ids_from_row_order)
     ids = [p.user_id for p in profiles]
     extra: dict = {}
     if banned_from == "llm" and not isinstance(src, CausalLMEncoder):
         raise EmbeddingError(f"banned_from='llm' needs a causal-lm encoder, not {src.name}")
     if isinstance(src, NpyVectors):
-        vectors, banned_from = src.vectors(ids), None  # made elsewhere: provenance unknown
+        banned_from = None  # made elsewhere: provenance unknown
+    # An existing folder is checked (and its every vector read) before any encoding.
+    old, old_vecs = None, {}
+    if os.path.isfile(os.path.join(out_dir, MANIFEST)):
+        old = _read_manifest(out_dir)
+        _check_same_source(old, src, banned_from, out_dir)
+        old_vecs = load_embeddings(out_dir)
+    if isinstance(src, NpyVectors):
+        vectors = src.vectors(ids)
     else:
         if banned_from == "llm":
             answers = src.answer(
@@ -355,9 +495,38 @@ def embed_profiles(
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     if vectors.shape != (len(ids), src.dim) or not np.isfinite(vectors).all():
         raise EmbeddingError(f"{src.name} gave {vectors.shape} (or non-finite), want {src.dim}")
-    os.makedirs(out_dir, exist_ok=True)
-    for uid, vec in zip(ids, vectors):
-        np.save(os.path.join(out_dir, f"{uid}.npy"), vec, allow_pickle=False)
+    new = dict(zip(ids, vectors))
+    changed = [u for u in ids if u in old_vecs and not _same_vector(old_vecs[u], new[u])]
+    if changed:
+        shown = ", ".join(changed[:20]) + (" ..." if len(changed) > 20 else "")
+        raise EmbeddingError(
+            f"{out_dir} already holds a different vector for {len(changed)} user(s) of "
+            f"{users_csv}: {shown}; nothing written: embed them into another folder (--out)"
+        )
+    added = [u for u in ids if u not in old_vecs]
+    if old is not None and not added:
+        return old  # every user is there already, with this vector: nothing to add
+    all_ids = [*(old["user_ids"] if old else ()), *added]
+    every = {**new, **old_vecs}
+    stacked = np.stack([every[u] for u in all_ids])
+    with open(users_csv, "rb") as f:
+        csv_sha = "sha256:" + hashlib.sha256(f.read()).hexdigest()
+    run = {
+        "users_csv": os.path.basename(users_csv),
+        "users_csv_sha256": csv_sha,
+        "banned_from": banned_from,
+        "added": len(added),
+    }
+    if extra:  # the LLM's answers for the users this run adds; earlier users keep theirs
+        prev = old or {}
+        new_answers = {u: extra["llm_answers"][u] for u in added}
+        new_banned = {u: extra["banned"][u] for u in added}
+        folded = int(prev.get("llm_system_turns_folded", 0)) + extra["llm_system_turns_folded"]
+        extra = {
+            "llm_answers": {**prev.get("llm_answers", {}), **new_answers},
+            "llm_system_turns_folded": folded,
+            "banned": {**prev.get("banned", {}), **new_banned},
+        }
     from psa_jax.version import __version__
 
     manifest = {
@@ -367,18 +536,26 @@ def embed_profiles(
         "checksum": src.checksum,
         "pooling": src.pooling,
         "dtype": "float32",
-        "num_users": len(ids),
-        "user_ids": ids,
+        "num_users": len(all_ids),
+        "user_ids": all_ids,
         "banned_from": banned_from,
-        "users_csv": os.path.basename(users_csv),
-        "users_csv_sha256": "sha256:" + hashlib.sha256(Path(users_csv).read_bytes()).hexdigest(),
-        "vectors_sha256": "sha256:" + hashlib.sha256(vectors.tobytes()).hexdigest(),
+        "users_csv": run["users_csv"],  # the latest run's; ``runs`` holds every one
+        "users_csv_sha256": csv_sha,
+        "vectors_sha256": "sha256:" + hashlib.sha256(stacked.tobytes()).hexdigest(),
         "psa_jax_version": __version__,
+        "runs": [*(_runs(old) if old else ()), run],
         **extra,
     }
-    with open(os.path.join(out_dir, MANIFEST), "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=2, ensure_ascii=False)
-        f.write("\n")
+    os.makedirs(out_dir, exist_ok=True)
+    for uid in added:
+        vec = new[uid]
+        _atomic_write(
+            os.path.join(out_dir, f"{uid}.npy"), lambda f, v=vec: np.save(f, v, allow_pickle=False)
+        )
+    _sync_folder(out_dir)  # every vector is in place before the manifest that lists it
+    text = json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
+    _atomic_write(os.path.join(out_dir, MANIFEST), lambda f: f.write(text.encode("utf-8")))
+    _sync_folder(out_dir)
     return manifest
 
 
@@ -389,21 +566,19 @@ def load_embeddings(
 
     ``user_ids=None`` loads every user of the manifest. A requested user without a file raises
     :class:`MissingEmbeddingError` naming them: a zero vector would silently train a wrong user.
+    Every file must have the manifest's ``dim``; one that does not is named with both sizes.
     """
     directory = os.fspath(directory)
     path = os.path.join(directory, MANIFEST)
     if not os.path.isfile(path):
         msg = f"import PSAlign files with `psa-jax embed-profiles --encoder npy:{directory}`"
         raise EmbeddingError(f"{path} not found; {msg}")
-    with open(path, encoding="utf-8") as f:
-        manifest = json.load(f)
-    if manifest.get("format") != FORMAT:
-        raise EmbeddingError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
-    dim = int(manifest["dim"])
+    manifest = _read_manifest(directory)
+    dim = manifest["dim"]
     ids = manifest["user_ids"] if user_ids is None else [prof.format_user_id(u) for u in user_ids]
     files = {u: os.path.join(directory, f"{u}.npy") for u in ids}
     known = set(manifest["user_ids"])  # a stray file from another run is not this set's vector
     missing = [u for u, f in files.items() if u not in known or not os.path.isfile(f)]
     if missing:
         raise MissingEmbeddingError(missing, directory)
-    return {u: _read_vector(f, dim) for u, f in files.items()}
+    return {u: _read_vector(f, dim, f"the dim of {path}") for u, f in files.items()}

@@ -2,8 +2,11 @@
 
 A profile is age, age group, gender, religion, mental and physical condition, plus the content
 categories the user bans and allows (a subset of the 7 PSAlign categories each). Users are named
-by a 7-digit id: the row number (1-based) in ``users.csv``, or the ``User_ID`` column where the
-file has one (``users_cluster.csv``, ``center_users.csv``).
+by a 7-digit id, from the file's ``User_ID`` column (``users_cluster.csv``, ``center_users.csv``,
+a toy world's ``users.csv``). A file without one is numbered by row (1 = first row) only where
+that is known to be right: PSAlign's own ``users.csv`` (byte-identical to the packaged copy), or
+when the caller says so (``ids_from_row_order=True``); any other such file is an error, since
+its vectors and results would be filed under the wrong users.
 
 The prompt templates and ``users.csv`` are PSAlign's (MIT, shipped in ``psa_jax/data/psalign``).
 The templates are filled exactly as PSAlign fills them: every field with ``str()`` of the CSV
@@ -16,6 +19,9 @@ from __future__ import annotations
 import ast
 import csv
 import dataclasses
+import functools
+import hashlib
+import io
 import json
 import os
 from importlib import resources
@@ -75,16 +81,40 @@ def _categories(cell: str, where: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(value))  # the file's order: prompts must match PSAlign's text
 
 
-def read_users(path: str | os.PathLike) -> list[UserProfile]:
-    """Read ``users.csv`` / ``users_cluster.csv`` / ``center_users.csv`` into profiles."""
+def read_users(path: str | os.PathLike, *, ids_from_row_order: bool = False) -> list[UserProfile]:
+    """Read ``users.csv`` / ``users_cluster.csv`` / ``center_users.csv`` into profiles.
+
+    Ids come from the ``User_ID`` column. A file without one is numbered by row (1 = first row)
+    only if it is PSAlign's ``users.csv`` or ``ids_from_row_order`` is true; otherwise, and for
+    an empty file, a :class:`ProfileError` names the file.
+    """
     path = os.fspath(path)
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
+    if not os.path.isfile(path):
+        raise ProfileError(f"users file {path!r} does not exist")
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ProfileError(f"{path}: not UTF-8 text ({err})") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    rows = list(reader)
+    if not rows:
+        what = "the file is empty" if not data.strip() else "a header and no rows"
+        raise ProfileError(f"{path}: no users ({what})")
+    has_ids = "User_ID" in (reader.fieldnames or ())
+    if has_ids and ids_from_row_order:
+        raise ProfileError(
+            f"{path} has a User_ID column, yet ids_from_row_order (--ids-from-row-order) asks "
+            "to number its users by row: drop the flag"
+        )
     profiles, seen = [], set()
     for n, row in enumerate(rows, start=1):
         where = f"{path} row {n}"
         try:
-            uid = format_user_id(row["User_ID"]) if row.get("User_ID") else format_user_id(n)
+            if has_ids and not (row["User_ID"] or "").strip():
+                raise ProfileError(f"{where}: empty User_ID")
+            uid = format_user_id(row["User_ID"]) if has_ids else format_user_id(n)
             profile = UserProfile(
                 user_id=uid,
                 age=int(row["Age"]),
@@ -106,7 +136,26 @@ def read_users(path: str | os.PathLike) -> list[UserProfile]:
             raise ProfileError(f"{where}: duplicate user id {uid}")
         seen.add(uid)
         profiles.append(profile)
+    # Checked after the rows, so a malformed row is reported as such whatever the id columns.
+    # PSAlign defines a users.csv user's id as its 1-based row number (its training and eval
+    # code index the file so), so the packaged file, byte for byte, needs no User_ID column.
+    if not has_ids and not ids_from_row_order and _sha256(data) != _packaged_users_sha256():
+        raise ProfileError(
+            f"{path}: no User_ID column, so its rows cannot be matched to users; add a User_ID "
+            "column, or number the users by row (1 = first row, as in PSAlign's own users.csv) "
+            "with ids_from_row_order=True (--ids-from-row-order of embed-profiles, make-toy-data)"
+        )
     return profiles
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@functools.lru_cache(maxsize=1)
+def _packaged_users_sha256() -> str:
+    with open(packaged_users_csv(), "rb") as f:
+        return _sha256(f.read())
 
 
 def template(name: str) -> str:

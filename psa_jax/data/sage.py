@@ -12,7 +12,8 @@ folder or a root whose sub-folders are splits (``train/``, ``test/``) and writes
 
 Images are stored as PNG bytes (see ``_features``), so ``psa_jax.data.loader`` decodes them with
 PIL. A record whose JSON, keys or images are bad is a ``BadRecordError`` naming the file and line;
-``skip_bad=True`` skips it and counts it in the ``BuildReport`` instead.
+``skip_bad=True`` skips it and counts it in the ``BuildReport`` instead. A split with no records
+(an empty ``metadata.jsonl``, or every record skipped) is a ``BadRecordError`` naming its file.
 """
 
 from __future__ import annotations
@@ -41,7 +42,12 @@ _REQUIRED = ("chosen", "rejected", "caption", "user_data")
 
 
 class BadRecordError(PsaJaxError, ValueError):
-    """A ``metadata.jsonl`` record that cannot be built; the message names file, line and why."""
+    """A ``metadata.jsonl`` record that cannot be built, or a split with no records to build;
+    the message names the file (and line) and why."""
+
+
+class SageSourceError(PsaJaxError, FileNotFoundError):
+    """``--source`` is not a Sage split folder nor a root of split folders; names the path."""
 
 
 @dataclasses.dataclass
@@ -112,11 +118,18 @@ def read_metadata(split_dir: str) -> tuple[list[_Record], list[tuple[int, str]]]
     """
     path = os.path.join(split_dir, METADATA)
     records, bad = [], []
-    with open(path, encoding="utf-8") as f:
-        for line_no, text in enumerate(f, start=1):
+    with open(path, "rb") as f:  # decoded line by line: one bad byte is one bad record
+        for line_no, raw in enumerate(f, start=1):
+            where = f"{path} line {line_no}"
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                bad.append((line_no, f"{where}: not UTF-8 text ({err.reason} at byte {err.start})"))
+                continue
+            if line_no == 1:
+                text = text.removeprefix("\ufeff")  # a UTF-8 byte order mark
             if not text.strip():
                 continue
-            where = f"{path} line {line_no}"
             try:
                 obj = json.loads(text)
             except json.JSONDecodeError as err:
@@ -189,9 +202,14 @@ class SageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         return None
 
     def __init__(
-        self, *, splits: dict[str, str], resolution: int | None, skip_bad: bool, **kwargs
+        self,
+        *,
+        splits: dict[str, tuple[list[_Record], list[tuple[int, str]]]],
+        resolution: int | None,
+        skip_bad: bool,
+        **kwargs,
     ) -> None:
-        self._source_splits = splits
+        self._source_splits = splits  # split -> read_metadata() of its folder, checked
         self._resolution = resolution
         self._skip_bad = skip_bad
         self.skipped: list[tuple[int, str]] = []
@@ -210,8 +228,7 @@ class SageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def _split_generators(self, dl_manager: object) -> dict[str, Iterator]:
         del dl_manager  # everything is local
         generators = {}
-        for split, folder in self._source_splits.items():
-            records, bad = read_metadata(folder)
+        for split, (records, bad) in self._source_splits.items():
             self._fail_or_skip(bad)
             self.users[split] = set()
             generators[split] = self._generate_examples(records, self.users[split])
@@ -219,14 +236,13 @@ class SageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _fail_or_skip(self, bad: list[tuple[int, str]]) -> None:
         if bad and not self._skip_bad:
-            raise BadRecordError(
-                bad[0][1] + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
-            )
+            raise _bad_records_error(bad)
         self.skipped.extend(bad)
 
     def _generate_examples(
         self, records: list[_Record], users: set[str]
     ) -> Iterator[tuple[int, dict]]:
+        yielded, first_skip = 0, ""
         for r in records:
             encoded: dict[str, bytes] = {}
             for key, path in (("chosen", r.chosen), ("rejected", r.rejected)):
@@ -235,6 +251,7 @@ class SageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 except Exception as err:  # PIL raises OSError, SyntaxError, zlib.error, ...
                     why = f"{r.where}: unreadable {key} image {path}: {type(err).__name__}: {err}"
                     self._fail_or_skip([(r.line, why)])
+                    first_skip = first_skip or why
                     break
             if len(encoded) < 2:
                 continue
@@ -250,19 +267,56 @@ class SageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                     "index": r.line - 1,
                 },
             )
+            yielded += 1
+        if records and not yielded:  # else TFDS fails with "No examples were yielded"
+            raise BadRecordError(
+                f"{_metadata_of(records[0])}: no records left to build: the images of all "
+                f"{len(records)} records are unreadable and skipped (first: {first_skip})"
+            )
+
+
+def _metadata_of(record: _Record) -> str:
+    return record.where.rsplit(" line ", 1)[0]  # where = "<metadata.jsonl path> line <n>"
+
+
+def _bad_records_error(bad: list[tuple[int, str]]) -> BadRecordError:
+    return BadRecordError(bad[0][1] + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
 
 
 def find_splits(source_dir: str, split: str = "train") -> dict[str, str]:
     """``{split: folder}``: the folder itself if it holds ``metadata.jsonl``, else its sub-folders
     that do (a Sage root with ``train/`` and ``test/``)."""
+    if not os.path.isdir(source_dir):
+        what = "not a folder" if os.path.exists(source_dir) else "no such folder"
+        raise SageSourceError(f"{source_dir}: {what} (expected a Sage folder with {METADATA})")
     if os.path.isfile(os.path.join(source_dir, METADATA)):
         return {split: source_dir}
     subs = sorted(
         d for d in os.listdir(source_dir) if os.path.isfile(os.path.join(source_dir, d, METADATA))
     )
     if not subs:
-        raise FileNotFoundError(f"{source_dir}: no {METADATA} in it nor in any sub-folder")
+        raise SageSourceError(f"{source_dir}: no {METADATA} in it nor in any sub-folder")
     return {d: os.path.join(source_dir, d) for d in subs}
+
+
+def check_metadata(
+    split_dir: str, skip_bad: bool = False
+) -> tuple[list[_Record], list[tuple[int, str]]]:
+    """:func:`read_metadata` of a split folder, failing fast, before anything is written: a bad
+    line (unless ``skip_bad``), or no records at all, is a :class:`BadRecordError` naming the
+    ``metadata.jsonl`` (TFDS would only say "No examples were yielded")."""
+    records, bad = read_metadata(split_dir)
+    if bad and not skip_bad:
+        raise _bad_records_error(bad)
+    if not records:
+        path = os.path.join(split_dir, METADATA)
+        if not bad:
+            raise BadRecordError(f"{path}: no records (the file is empty or only blank lines)")
+        raise BadRecordError(
+            f"{path}: no records left to build: all {len(bad)} are bad and skipped "
+            f"(first: {bad[0][1]})"
+        )
+    return records, bad
 
 
 def build_data(
@@ -284,7 +338,11 @@ def build_data(
     if resolution is not None and resolution <= 0:
         raise ValueError(f"resolution must be positive, got {resolution}")
     source_dir, out_dir = os.path.abspath(source_dir), os.path.abspath(out_dir)
-    splits = find_splits(source_dir, split)
+    # Every metadata.jsonl is parsed and checked before out_dir is touched: a bad or empty
+    # source fails in seconds and leaves nothing behind.
+    splits = {
+        s: check_metadata(folder, skip_bad) for s, folder in find_splits(source_dir, split).items()
+    }
     os.makedirs(out_dir, exist_ok=True)
     cls = SageBuilder
     if name != SageBuilder.name:

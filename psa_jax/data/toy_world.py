@@ -209,11 +209,20 @@ def _config_json(config: ToyWorldConfig) -> dict:
 
 
 def make_toy_world(
-    out_dir: str | os.PathLike, users_csv: str | os.PathLike, config: ToyWorldConfig | None = None
+    out_dir: str | os.PathLike,
+    users_csv: str | os.PathLike,
+    config: ToyWorldConfig | None = None,
+    *,
+    ids_from_row_order: bool = False,
 ) -> dict:
-    """Write Sage-mini into ``out_dir`` (created; our files overwritten) and return the summary."""
+    """Write Sage-mini into ``out_dir`` (created; our files overwritten) and return the summary.
+
+    ``ids_from_row_order`` is :func:`~psa_jax.data.profiles.read_users`'s: a users file without
+    a ``User_ID`` column (other than PSAlign's own) is refused unless it is set.
+    """
     config = ToyWorldConfig() if config is None else config
-    seen, unseen, eval_seen = select_users(read_users(users_csv), config)
+    profiles = read_users(users_csv, ids_from_row_order=ids_from_row_order)
+    seen, unseen, eval_seen = select_users(profiles, config)
     all_scenes = scenes(config)
     train = [s for s in all_scenes if s.k < config.captions_per_concept]
     held_out = [s for s in all_scenes if s.k >= config.captions_per_concept]

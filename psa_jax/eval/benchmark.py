@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from psa_jax.core.errors import PsaJaxError
+from psa_jax.core.checkpoint import require_run
 from psa_jax.eval import spqr as spqr_lib
 from psa_jax.eval.benign_data import benign_data, encode_benign
 from psa_jax.eval.generation import generate
@@ -44,10 +44,6 @@ from psa_jax.eval.spqr_axes import spqr_axes
 from psa_jax.eval.summary import summarize
 
 TOY_SCORERS = ("toy-oracle", "toy-adherence", "toy-fid")
-
-
-class RunNotFoundError(PsaJaxError, FileNotFoundError):
-    """``--workdir`` is not a ``psa-jax train`` run with a checkpoint."""
 
 
 @dataclasses.dataclass
@@ -76,19 +72,6 @@ class EvalSettings:
     progress: bool = True
 
 
-def check_run(workdir: str) -> None:
-    """A cheap look before anything loads: the folder and a complete checkpoint exist."""
-    from psa_jax.core.checkpoint import Checkpointer, checkpoint_dir
-
-    if not os.path.isdir(workdir):
-        raise RunNotFoundError(f"run folder {workdir!r} does not exist")
-    if not os.path.isdir(checkpoint_dir(workdir)):
-        raise RunNotFoundError(f"{workdir!r} is not a psa-jax train run (no checkpoints/)")
-    with Checkpointer(workdir, read_only=True) as ckpt:
-        if ckpt.latest_step() is None:
-            raise RunNotFoundError(f"{workdir!r} holds no complete checkpoint")
-
-
 def load_model(
     workdir: str | None = None,
     *,
@@ -108,7 +91,7 @@ def load_model(
         raise ValueError("give exactly one of workdir (a run) and pretrained (a diffusers folder)")
     world = None
     if workdir:
-        check_run(workdir)
+        require_run(workdir)
         run = load_run(workdir)
         pipeline = Pipeline.from_loaded_run(run, workdir)
         if adapter:

@@ -12,21 +12,16 @@ import contextlib
 import csv
 import html
 import os
-import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from psa_jax.core.errors import PsaJaxError
+from psa_jax.core.outputs import OutputExistsError, atomic_folder
 from psa_jax.eval.plans import BASE, PSA, EvalItem
 from psa_jax.eval.summary import to_json
 
 GRID_COLUMNS = 8
-
-
-class OutputExistsError(PsaJaxError, FileExistsError):
-    """``--out`` holds files this command did not write."""
 
 
 def check_out(out: str, marker: str) -> None:
@@ -41,20 +36,12 @@ def check_out(out: str, marker: str) -> None:
 
 @contextlib.contextmanager
 def atomic_output(out: str, marker: str) -> Iterator[str]:
-    """Yield a temporary folder; on success it replaces ``out``, on error it is removed."""
+    """Yield a temporary folder that replaces ``out`` once complete (removed on an error): an
+    empty ``out``, or an earlier result of this command (it holds ``marker``)."""
     check_out(out, marker)
-    out = os.path.abspath(out)
-    tmp = f"{out}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
+    earlier = os.path.isfile(os.path.join(out, marker))
+    with atomic_folder(out, replaceable=set(os.listdir(out)) if earlier else None) as tmp:
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if os.path.isdir(out):
-        shutil.rmtree(out)
-    os.rename(tmp, out)
 
 
 def write_json(path: str, obj: Any) -> None:

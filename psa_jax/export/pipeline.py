@@ -12,11 +12,24 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Mapping
 from typing import Any
 
+from psa_jax.core.checkpoint import require_run
+from psa_jax.core.errors import PsaJaxError
+from psa_jax.core.outputs import atomic_folder, check_folder_out
+
 RECIPE = "recipe.json"
+# What the export writes: an existing folder holding only these is an earlier one, replaced.
+PIPELINE_FILES = frozenset(
+    {"unet", "text_encoder", "vae", "tokenizer", "scheduler", "model_index.json", RECIPE}
+)
+
+
+class ExportError(PsaJaxError, ValueError):
+    """A run that has nothing to export in the asked format, or an unknown format (the message
+    names the run). Also :data:`psa_jax.export.formats.ExportError`."""
+
 
 # diffusers' DDIM as Stable Diffusion ships it, on the run's own forward-process betas.
 _SCHEDULER = {
@@ -55,14 +68,14 @@ def _clean(config: Mapping[str, Any]) -> dict[str, Any]:
 def recipe_of(base_workdir: str) -> dict[str, Any]:
     """How a base was made: the base run's config and, when ``model.vae_path`` is a ``vae``
     run's ``<workdir>/vae`` folder, that run's config; plus the toy world's version."""
-    from psa_jax.core.checkpoint import Checkpointer
+    from psa_jax.core.checkpoint import Checkpointer, RunNotFoundError
     from psa_jax.data.toy_world import VERSION
 
     def config_of(workdir: str) -> dict[str, Any]:
         with Checkpointer(workdir, read_only=True) as ckpt:
             step = ckpt.latest_step()
             if step is None:
-                raise FileNotFoundError(f"{workdir} holds no complete checkpoint")
+                raise RunNotFoundError(f"{workdir} holds no complete checkpoint")
             return ckpt.read_config(step)
 
     base = config_of(base_workdir)
@@ -76,6 +89,13 @@ def recipe_of(base_workdir: str) -> dict[str, Any]:
     return out
 
 
+def check_base_run(workdir: str, config: Mapping[str, Any]) -> None:
+    """A base is a full-UNet ``denoise`` run; anything else is an :class:`ExportError`."""
+    task = config.get("task")
+    if task != "denoise" or (config.get("train") or {}).get("denoise_target") != "unet":
+        raise ExportError(f"{workdir} is a {task!r} run, not a full-UNet denoise run (a base)")
+
+
 def export_base_pipeline(
     base_workdir: str, out: str, recipe: Mapping[str, Any] | None = None
 ) -> str:
@@ -83,19 +103,27 @@ def export_base_pipeline(
     its frozen text encoder, VAE and tokenizer as a diffusers pipeline folder ``out``, with
     ``recipe.json`` (default: :func:`recipe_of` the run).
 
-    Written to ``out.tmp`` first and renamed, so a killed export leaves no half folder."""
-    from psa_jax.models.psa_unet import PSAUNet
+    Written to ``<out>.partial-<pid>`` first and renamed, so a killed export leaves no half
+    folder; an existing ``out`` is replaced only when it holds nothing but an earlier such
+    export (:data:`PIPELINE_FILES`). The run folder, its checkpoint and task, and ``out`` are
+    checked before any model is built."""
     from psa_jax.train.restore import load_run
 
+    _, config = require_run(base_workdir)
+    check_base_run(base_workdir, config)
+    check_folder_out(out, PIPELINE_FILES)
     run = load_run(base_workdir)
-    task = run.config.get("task")
-    if task != "denoise" or run.config.train.get("denoise_target") != "unet":
-        raise ValueError(f"{base_workdir} is a {task!r} run, not a full-UNet denoise run (a base)")
     if run.models.vae is None:
-        raise ValueError(f"{base_workdir} was trained without a VAE (model.vae_path)")
-    tmp = f"{out}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+        raise ExportError(f"{base_workdir} was trained without a VAE (model.vae_path)")
+    recipe = dict(recipe or recipe_of(base_workdir))
+    with atomic_folder(out, PIPELINE_FILES) as tmp:
+        _write_pipeline(run, tmp, recipe)
+    return out
+
+
+def _write_pipeline(run: Any, tmp: str, recipe: Mapping[str, Any]) -> None:
+    from psa_jax.models.psa_unet import PSAUNet
+
     PSAUNet(run.models.module.config, run.unet_params).save_pretrained(os.path.join(tmp, "unet"))
     run.models.text_encoder.save_pretrained(os.path.join(tmp, "text_encoder"))
     run.models.vae.save_pretrained(os.path.join(tmp, "vae"))
@@ -112,10 +140,7 @@ def export_base_pipeline(
     _write_json(
         os.path.join(tmp, "model_index.json"), model_index(type(run.splits.tokenizer).__name__)
     )
-    _write_json(os.path.join(tmp, RECIPE), dict(recipe or recipe_of(base_workdir)))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    return out
+    _write_json(os.path.join(tmp, RECIPE), dict(recipe))
 
 
 def _write_json(path: str, obj: Any) -> None:

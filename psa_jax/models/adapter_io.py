@@ -55,30 +55,34 @@ def _table(layer_paths: list[tuple[str, ...]], fmt: str) -> list[Row]:
     return rows
 
 
-def detect_format(state_dict: Mapping[str, Any]) -> str:
-    """``psalign`` or ``diffusers-ip-adapter`` from the keys; anything else is an error."""
+def detect_format(state_dict: Mapping[str, Any], *, what: str = "adapter file") -> str:
+    """``psalign`` or ``diffusers-ip-adapter`` from the keys; anything else is an error naming
+    ``what`` (the file)."""
     if any(k.startswith(("user_proj.", "psa_adapter.")) for k in state_dict):
         return "psalign"
     if any(k.startswith(("image_proj.", "ip_adapter.")) for k in state_dict):
         return "diffusers-ip-adapter"
     sample = ", ".join(list(state_dict)[:5])
     raise WeightMismatchError(
-        f"adapter file (keys start {sample or 'nothing'})",
+        f"{what} (keys start {sample or 'nothing'})",
         missing=["user_proj.proj.weight (PSAlign) or image_proj.proj.weight (IP-Adapter)"],
     )
 
 
-def adapter_shape(state_dict: Mapping[str, Any], cross_dim: int) -> tuple[int, int]:
-    """(profile embedding dim D, user tokens T) of an adapter file."""
-    fmt = detect_format(state_dict)
+def adapter_shape(
+    state_dict: Mapping[str, Any], cross_dim: int, *, what: str = "adapter file"
+) -> tuple[int, int]:
+    """(profile embedding dim D, user tokens T) of an adapter file (named ``what`` in errors)."""
+    fmt = detect_format(state_dict, what=what)
     key = "user_proj.proj.weight" if fmt == "psalign" else "image_proj.proj.weight"
     if key not in state_dict:
-        raise WeightMismatchError("adapter file", missing=[key])
-    rows, d = state_dict[key].shape
-    if rows % cross_dim:
+        raise WeightMismatchError(f"{what} ({fmt})", missing=[key])
+    shape = tuple(np.shape(state_dict[key]))
+    if len(shape) != 2 or shape[0] == 0 or shape[0] % cross_dim:
         raise WeightMismatchError(
-            "adapter file", mismatched=[(key, (rows, d), (f"T*{cross_dim}", d))]
+            f"{what} ({fmt})", mismatched=[(key, shape, (f"T*{cross_dim}", "D"))]
         )
+    rows, d = shape
     return d, rows // cross_dim
 
 
@@ -120,7 +124,7 @@ def import_adapter(
     Raises:
       WeightMismatchError: naming missing, unexpected and mis-shaped keys.
     """
-    fmt = detect_format(state_dict)
+    fmt = detect_format(state_dict, what=what)
     ref = flat_leaves(reference)
     rows = _table(adapter_layer_paths(reference), fmt)
     out, missing, mismatched = {}, [], []

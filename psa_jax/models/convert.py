@@ -49,6 +49,36 @@ class WeightMismatchError(PsaJaxError, ValueError):
         super().__init__("\n".join(lines))
 
 
+class WeightFileError(PsaJaxError, ValueError):
+    """A weights (or model config) file that cannot be read: the message names the file and
+    what is wrong with it (garbage, truncated, empty, refused by ``torch.load``)."""
+
+    def __init__(self, path: str | os.PathLike, problem: str):
+        self.path, self.problem = os.fspath(path), problem
+        super().__init__(f"{self.path}: {problem}")
+
+    def __reduce__(self):  # picklable despite the two-argument constructor
+        return type(self), (self.path, self.problem)
+
+
+class MissingWeightFileError(WeightFileError, FileNotFoundError):
+    """A weights file (or model folder's file) that is not there; still a ``FileNotFoundError``."""
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # terminal colour codes (torch bolds its advice)
+
+
+def _first_line(err: BaseException, limit: int = 200) -> str:
+    """The first non-empty line of a library error (ANSI codes removed), shortened to its first
+    sentence when long; the error's type name when it has no text (``EOFError()``)."""
+    text = _ANSI.sub("", str(err))
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    if len(line) > limit:
+        line = line.split(". ", 1)[0]
+        line = line if len(line) <= limit else line[: limit - 3] + "..."
+    return line or type(err).__name__
+
+
 def _short(keys: list[str], n: int = 12) -> str:
     shown = ", ".join(keys[:n])
     return shown + (f", ... (+{len(keys) - n})" if len(keys) > n else "")
@@ -182,25 +212,90 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Read a ``.safetensors`` file, a sharded ``*.index.json`` or a PyTorch ``.bin``/``.pt``.
 
     ``.bin`` files are read with ``torch.load(weights_only=True)`` (no pickle code runs).
+
+    Raises:
+      MissingWeightFileError: no file at ``path`` (or at a shard an index lists).
+      WeightFileError: the file is empty, garbage, truncated, not a state dict, or refused by
+        ``torch.load(weights_only=True)``; the message names the file and the library's reason.
     """
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise WeightFileError(path, "is a folder, not a weights file")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint file at {path}")
-    if path.endswith(".index.json"):
-        with open(path) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        out: dict[str, np.ndarray] = {}
-        for shard in shards:
-            out.update(read_state_dict(os.path.join(os.path.dirname(path), shard)))
-        return out
+        raise MissingWeightFileError(path, "no such weights file")
+    if os.path.getsize(path) == 0:
+        raise WeightFileError(path, "empty file (0 bytes), not a weights file")
+    if path.endswith(".json"):
+        return _read_sharded(path)
     if path.endswith(".safetensors"):
-        from safetensors import safe_open
+        return _read_safetensors(path)
+    return _read_torch(path)
 
+
+def _read_sharded(index: str) -> dict[str, np.ndarray]:
+    try:
+        with open(index, encoding="utf-8") as f:
+            obj = json.load(f)
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise WeightFileError(index, f"not valid JSON: {_first_line(err)}") from err
+    weight_map = obj.get("weight_map") if isinstance(obj, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise WeightFileError(
+            index, "not a sharded checkpoint index: no 'weight_map' object of key -> shard file"
+        )
+    shards = sorted(set(weight_map.values()))
+    out: dict[str, np.ndarray] = {}
+    for shard in shards:
+        shard_path = os.path.join(os.path.dirname(index), shard)
+        if not os.path.isfile(shard_path):
+            raise MissingWeightFileError(shard_path, f"no such shard (listed in {index})")
+        out.update(read_state_dict(shard_path))
+    return out
+
+
+def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
         with safe_open(path, framework="pt") as f:
             return {k: to_numpy(f.get_tensor(k)) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        size = os.path.getsize(path)
+        raise WeightFileError(
+            path,
+            f"not a readable safetensors file ({size} bytes; garbage or truncated?): "
+            f"{_first_line(err)}",
+        ) from err
+
+
+def _read_torch(path: str) -> dict[str, np.ndarray]:
+    import pickle
+
     import torch
 
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch's message is a page of advice to rerun with weights_only=False; the reason is
+        # the line after "WeightsUnpickler error:".
+        _, marker, reason = _ANSI.sub("", str(err)).partition("WeightsUnpickler error:")
+        why = next((ln.strip() for ln in reason.splitlines() if ln.strip()), "") if marker else ""
+        why = why.split(". Please use", 1)[0] if why else _first_line(err)
+        raise WeightFileError(
+            path,
+            "torch.load(weights_only=True) refuses it (garbage, or a pickle holding more than "
+            f"tensors; psa_jax never runs pickled code): {why}",
+        ) from err
+    except Exception as err:  # truncated or garbage: EOFError, RuntimeError, IndexError, ...
+        raise WeightFileError(
+            path,
+            "torch.load(weights_only=True) cannot read it (garbage or truncated?): "
+            f"{type(err).__name__}: {_first_line(err)}",
+        ) from err
+    if not isinstance(obj, Mapping):
+        raise WeightFileError(
+            path, f"holds a {type(obj).__name__}, not a state dict (a mapping of names to tensors)"
+        )
     return {k: to_numpy(v) for k, v in flatten_nested(obj).items()}
 
 
@@ -250,7 +345,7 @@ def find_weights_file(folder: str | os.PathLike, stem: str, variant: str | None 
     for name in candidates:
         if os.path.isfile(os.path.join(folder, name)):
             return os.path.join(folder, name)
-    raise FileNotFoundError(f"no weights in {folder}: looked for {', '.join(candidates)}")
+    raise MissingWeightFileError(folder, f"no weights in it: looked for {', '.join(candidates)}")
 
 
 def component_folder(folder: str | os.PathLike, subfolder: str) -> str:
@@ -268,8 +363,14 @@ def component_folder(folder: str | os.PathLike, subfolder: str) -> str:
 def read_config(folder: str | os.PathLike) -> dict[str, Any]:
     path = os.path.join(os.fspath(folder), "config.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"{folder} has no config.json (expected a diffusers/transformers folder)"
+        raise MissingWeightFileError(
+            path, "no such file (expected a diffusers/transformers model folder)"
         )
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise WeightFileError(path, f"not valid JSON: {_first_line(err)}") from err
+    if not isinstance(config, dict):
+        raise WeightFileError(path, f"holds a JSON {type(config).__name__}, not an object")
+    return config

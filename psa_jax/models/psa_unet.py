@@ -170,19 +170,24 @@ class PSAUNet:
         ``psa-jax train`` run folder (its newest complete checkpoint).
 
         Creates the adapter slots from the file's shapes when this UNet has none yet.
+
+        Raises:
+          WeightFileError: the file is missing, empty, garbage or truncated (names the file).
+          WeightMismatchError: its keys or shapes do not fit this UNet (names the file).
         """
         path = os.fspath(path)
         if os.path.isdir(os.path.join(path, "checkpoints")):  # a psa_jax training run
             self._load_run_adapter(path)
             return
         path = _adapter_file(path)
-        state = convert.read_state_dict(path)
-        d, t = adapter_shape(state, self.config.cross_attention_dim)
+        state = convert.read_state_dict(path)  # WeightFileError naming a garbage/missing file
+        what = f"adapter file {path}"
+        d, t = adapter_shape(state, self.config.cross_attention_dim, what=what)
         if self.user_embed_dim is None:
             self.num_user_tokens = t
             self._set_module(d)
         ref = abstract_variables(self.module)["adapter"]
-        self.adapter = import_adapter(state, ref, what=f"adapter file {path}")
+        self.adapter = import_adapter(state, ref, what=what)
 
     def _load_run_adapter(self, workdir: str) -> None:
         """The adapter of a ``psa-jax train`` run's newest checkpoint (a ``dpo`` run)."""
@@ -190,7 +195,9 @@ class PSAUNet:
 
         params, config = restore_host_params(workdir)
         if config.get("task") != "dpo" or "user_proj" not in params:
-            raise ValueError(f"{workdir} is a {config.get('task')!r} run, not a PSA adapter run")
+            raise convert.WeightFileError(
+                workdir, f"a {config.get('task')!r} run, not a PSA adapter (dpo) run"
+            )
         d, width = np.shape(params["user_proj"]["kernel"])
         t = width // self.config.cross_attention_dim
         if self.user_embed_dim is None:
@@ -241,9 +248,10 @@ def _adapter_file(path: str) -> str:
     if os.path.isdir(path):
         found = sorted(f for f in os.listdir(path) if f.endswith((".safetensors", ".bin")))
         if len(found) != 1:
-            raise FileNotFoundError(
-                f"expected exactly one adapter .safetensors/.bin file in {path}, "
-                f"found {found or 'none'}"
+            raise convert.MissingWeightFileError(
+                path,
+                "expected exactly one adapter .safetensors/.bin file in this folder, "
+                f"found {found or 'none'}",
             )
         return os.path.join(path, found[0])
     return path

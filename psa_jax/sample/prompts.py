@@ -6,23 +6,45 @@ from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from psa_jax.core.errors import PsaJaxError
 
 BASE_USER = "base"  # --users entry for the base model (adapter off)
 GRID_LIMIT = 32  # at most this many rows or columns go into grid.png
 
 
+class SampleInputError(PsaJaxError, ValueError):
+    """What ``psa-jax sample`` was given cannot be sampled: the message names the flag, file,
+    column or user."""
+
+
+class AdapterFileError(SampleInputError):
+    """An adapter file (or folder) that is missing or cannot be read."""
+
+
 def read_prompts(path: str, limit: int | None = None) -> list[dict[str, str]]:
     """Rows of a PSAlign prompts CSV; ``caption`` is required, ``file_name``/``user_id``
-    optional (a missing ``file_name`` becomes ``<row>.png``)."""
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if "caption" not in (reader.fieldnames or []):
-            raise ValueError(f"{path}: no 'caption' column (columns: {reader.fieldnames})")
-        rows = [dict(r) for r in reader]
+    optional (a missing ``file_name`` becomes ``<row>.png``). A missing, unreadable or
+    caption-less file is a :class:`SampleInputError` naming it."""
+    if not os.path.isfile(path):
+        raise SampleInputError(f"prompts file {path!r} does not exist")
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if "caption" not in (reader.fieldnames or []):
+                raise SampleInputError(
+                    f"{path}: no 'caption' column (columns: {reader.fieldnames})"
+                )
+            rows = [dict(r) for r in reader]
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise SampleInputError(f"prompts file {path!r} cannot be read: {err}") from None
     rows = rows[:limit] if limit else rows
+    if not rows:
+        raise SampleInputError(f"{path}: no prompt rows")
     for i, r in enumerate(rows):
         r["file_name"] = r.get("file_name") or f"{i:07d}.png"
     return rows
@@ -39,12 +61,108 @@ def profile_embeddings(users: list[str], table: dict[str, np.ndarray] | None) ->
     from psa_jax.data.embed import MissingEmbeddingError
 
     if table is None:
-        raise ValueError("no profile embeddings: pass --embeddings DIR (from embed-profiles)")
+        raise SampleInputError("no profile embeddings: pass --embeddings DIR (from embed-profiles)")
     keys = [_user_key(u) for u in users]
     missing = sorted({k for k in keys if k not in table})
     if missing:
         raise MissingEmbeddingError(missing, "the embedding table")
     return np.stack([np.asarray(table[k], np.float32) for k in keys])
+
+
+def plan_users(plan: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The users of ``plan`` that need a profile embedding (``base`` rows need none)."""
+    return list(dict.fromkeys(p["user"] for p in plan if p["user"] is not None))
+
+
+def check_users(
+    users: Sequence[str], table: Mapping[str, np.ndarray] | None, where: str
+) -> int | None:
+    """Every user has an embedding in ``table`` (else :class:`MissingEmbeddingError` naming
+    them and ``where``) and all have one size, which is returned (None: no users)."""
+    from psa_jax.data.embed import MissingEmbeddingError
+
+    if not users:
+        return None
+    if table is None:
+        raise SampleInputError(
+            f"users {', '.join(users[:5])} need profile embeddings: pass --embeddings DIR "
+            "(from embed-profiles), or --users base"
+        )
+    missing = sorted({_user_key(u) for u in users if _user_key(u) not in table})
+    if missing:
+        raise MissingEmbeddingError(missing, where)
+    dims = {int(np.shape(table[_user_key(u)])[-1]) for u in users}
+    if len(dims) > 1:
+        raise SampleInputError(f"the embeddings in {where} have different sizes {sorted(dims)}")
+    return dims.pop()
+
+
+def check_pipeline(pipeline: Any, plan: Sequence[Mapping[str, Any]], where: str) -> None:
+    """Before any image is drawn: the pipeline has an adapter for ``plan``'s users, an
+    embedding of each (in ``where``, its table), and of the size its adapter takes."""
+    users = plan_users(plan)
+    if not users:
+        return
+    if pipeline.adapter is None:
+        raise SampleInputError(
+            f"{where} has no adapter, so users ({', '.join(users[:5])}) cannot be sampled: "
+            "give --adapter FILE, or --users base"
+        )
+    dim = check_users(users, pipeline.embeddings, where)
+    if dim is not None and dim != pipeline.user_embed_dim:
+        raise SampleInputError(
+            f"the profile embeddings of {where} have size {dim}, but the adapter takes "
+            f"{pipeline.user_embed_dim}: they come from different encoders"
+        )
+
+
+def check_adapter(path: str) -> int | None:
+    """A cheap look at ``--adapter`` before any model is built: a run folder with a
+    checkpoint, or a (folder holding one) PSAlign/IP-Adapter ``.safetensors``/``.bin`` file whose
+    header parses and names adapter weights. Returns the profile embedding size D the file's
+    projection takes (None for a run folder). Raises :class:`AdapterFileError` naming the file."""
+    from psa_jax.core.checkpoint import checkpoint_dir, require_run
+
+    if os.path.isdir(checkpoint_dir(path)):
+        require_run(path)
+        return None
+    if os.path.isdir(path):
+        found = sorted(f for f in os.listdir(path) if f.endswith((".safetensors", ".bin")))
+        if len(found) != 1:
+            raise AdapterFileError(
+                f"--adapter {path!r}: expected a run folder or exactly one .safetensors/.bin "
+                f"file in it, found {found or 'none'}"
+            )
+        path = os.path.join(path, found[0])
+    if not os.path.isfile(path):
+        raise AdapterFileError(f"adapter file {path!r} does not exist")
+    shapes = _weight_shapes(path)
+    key = next((k for k in ("user_proj.proj.weight", "image_proj.proj.weight") if k in shapes), "")
+    if not key:
+        shown = ", ".join(list(shapes)[:5]) or "nothing"
+        raise AdapterFileError(
+            f"adapter file {path!r} holds no PSAlign or IP-Adapter weights (no "
+            f"user_proj.proj.weight or image_proj.proj.weight; keys start {shown})"
+        )
+    return int(shapes[key][-1]) if len(shapes[key]) == 2 else None
+
+
+def _weight_shapes(path: str) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of a weights file: a safetensors header alone, else the whole file."""
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(path, framework="np") as f:
+                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        from psa_jax.models.convert import read_state_dict
+
+        return {k: tuple(np.shape(v)) for k, v in read_state_dict(path).items()}
+    except PsaJaxError:
+        raise  # already names the file
+    except Exception as err:  # safetensors, torch.load, pickle: a library's own error
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise AdapterFileError(f"adapter file {path!r} cannot be read: {reason}") from None
 
 
 def plan_images(rows: list[dict[str, str]], users: str | None, seed: int) -> list[dict[str, Any]]:
@@ -66,7 +184,9 @@ def plan_images(rows: list[dict[str, str]], users: str | None, seed: int) -> lis
             for i, r in enumerate(rows)
         ]
     if rows and "user_id" not in rows[0]:
-        raise ValueError("the prompts CSV has no user_id column: pass --users (or --users base)")
+        raise SampleInputError(
+            "the prompts CSV has no user_id column: pass --users (or --users base)"
+        )
     return [
         {
             "caption": r["caption"],

@@ -1,7 +1,15 @@
 """``train(config, workdir)``: one trainer for every task, from one CPU to a pod.
 
+Before anything is built, :func:`check_config` checks the loop and optimizer values (a batch of
+0, a negative learning rate fail in milliseconds, not after the models and data are set up, and
+no workdir is made).
+
 Resume order: the newest complete checkpoint in ``workdir`` (state, data position, nothing else
-needed) -> a fresh start from the config (frozen base per :mod:`psa_jax.models.loading`).
+needed) -> a fresh start from the config (frozen base per :mod:`psa_jax.models.loading`). A
+newest step that cannot be read stops the run with a
+:class:`~psa_jax.core.checkpoint.CheckpointError` naming it; ``restore_step=N`` resumes from
+step N, ``fallback_on_corrupt`` from the newest readable step. The steps above the one resumed
+from are moved aside (renamed, logged, never deleted) so that the run can write them again.
 
 Per step: host batch (this process's rows) -> global ``jax.Array`` sharded over
 ``data x fsdp`` -> jitted ``train_step`` (state donated) -> metrics to JSONL/TensorBoard.
@@ -21,6 +29,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -33,14 +42,14 @@ from jax.sharding import PartitionSpec
 from tqdm.auto import tqdm
 
 from psa_jax.core import parallel
-from psa_jax.core.checkpoint import Checkpointer
+from psa_jax.core.checkpoint import Checkpointer, CheckpointError, complete_steps
 from psa_jax.core.errors import PsaJaxError
 from psa_jax.data import prepare
 from psa_jax.data.loader import make_global_batch
 from psa_jax.models import loading
 from psa_jax.models.vae import FlaxAutoencoderKL
 from psa_jax.train.metrics_io import MetricWriter
-from psa_jax.train.optim import make_lr_schedule, make_optimizer
+from psa_jax.train.optim import OPTIMIZERS, SCHEDULES, make_lr_schedule, make_optimizer
 from psa_jax.train.step import (
     init_state,
     latent_scaling_factor,
@@ -72,6 +81,73 @@ class NonFiniteError(FloatingPointError):
 
 class ResumeError(PsaJaxError, RuntimeError):
     """A checkpoint cannot continue this run (other process count, other task)."""
+
+
+class ConfigValueError(PsaJaxError, ValueError):
+    """A config value a run cannot train with (a batch of 0, a negative learning rate, an
+    unknown task); the message names the key and the value."""
+
+
+def _value(config: Any, path: str) -> Any:
+    node = config
+    for name in path.split("."):
+        if not hasattr(node, "keys") or name not in node:
+            raise ConfigValueError(f"config has no key {path}")
+        node = node[name]
+    return node
+
+
+def _check_int(config: Any, path: str, low: int) -> int:
+    v = _value(config, path)
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
+        raise ConfigValueError(f"{path}={v!r}: must be an integer >= {low}")
+    return int(v)
+
+
+def _check_number(config: Any, path: str, low: float, *, above: bool) -> float:
+    v = _value(config, path)
+    ok = isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
+    ok = ok and math.isfinite(v) and (v > low if above else v >= low)
+    if not ok:
+        raise ConfigValueError(f"{path}={v!r}: must be a finite number {'>' if above else '>='} "
+                               f"{low}")  # fmt: skip
+    return float(v)
+
+
+def check_config(config: Any) -> None:
+    """Raise :class:`ConfigValueError` naming the first key whose value cannot train: the task,
+    the loop's counts (``train.steps``, ``batch_size``, ``accum_steps``, ``checkpoint_every``
+    >= 1; ``eval_every`` >= 0; ``keep_checkpoints`` None or >= 1; the eval sizes >= 1 when it
+    evaluates), the loss weights, and the ``optim`` section (``learning_rate`` > 0, known
+    optimizer and schedule, a schedule that can be built). Reads the config only: milliseconds,
+    before any model, data or folder."""
+    task = _value(config, "task")
+    if task not in TASKS:
+        raise ConfigValueError(f"task={task!r}: unknown; tasks: {list(TASKS)}")
+    for key in ("steps", "batch_size", "accum_steps", "checkpoint_every"):
+        _check_int(config, f"train.{key}", 1)
+    if _check_int(config, "train.eval_every", 0) and config.data.get("eval_split"):
+        for key in ("eval_batches", "eval_batch_size", "eval_draws"):
+            _check_int(config, f"train.{key}", 1)
+    if _value(config, "train.keep_checkpoints") is not None:
+        _check_int(config, "train.keep_checkpoints", 1)
+    if task == "dpo":
+        _check_number(config, "train.beta", 0.0, above=True)
+        _check_number(config, "train.dpo_chosen_weight", 0.0, above=False)
+    if task == "denoise":
+        _check_number(config, "train.snr_gamma", 0.0, above=False)
+    if task == "vae":
+        _check_number(config, "train.vae_kl_weight", 0.0, above=False)
+    _check_number(config, "optim.learning_rate", 0.0, above=True)
+    for key, known in (("name", OPTIMIZERS), ("schedule", SCHEDULES)):
+        if _value(config, f"optim.{key}") not in known:
+            raise ConfigValueError(f"optim.{key}={config.optim[key]!r}: unknown; known: "
+                                   f"{sorted(known)}")  # fmt: skip
+    _check_int(config, "optim.warmup_steps", 0)
+    try:  # the rest of the optimizer's own checks (cosine total_steps, unknown keys, ...)
+        make_optimizer(config.optim)
+    except (ValueError, TypeError) as e:
+        raise ConfigValueError(f"optim: {e}") from e
 
 
 def _with_shardings(abstract: Any, shardings: Any) -> Any:
@@ -152,6 +228,7 @@ class RunState:
     start: int
     mesh: Any
     shardings: dict[str, Any]  # state, frozen, batch, replicated
+    moved_aside: dict[int, str] = dataclasses.field(default_factory=dict)  # step -> folder
 
 
 def prepare_inputs(config: Any) -> RunInputs:
@@ -166,15 +243,28 @@ def prepare_inputs(config: Any) -> RunInputs:
     return RunInputs(models, splits, loader, batch_size, with_vae)
 
 
-def create_state(config: Any, inputs: RunInputs, ckpt: Checkpointer, mesh: Any) -> RunState:
+def create_state(
+    config: Any,
+    inputs: RunInputs,
+    ckpt: Checkpointer,
+    mesh: Any,
+    *,
+    restore_step: int | None = None,
+    fallback_on_corrupt: bool = False,
+) -> RunState:
     """Shardings from the modules' logical axes, then the newest checkpoint's state (and data
-    position) or a fresh one; the frozen tree is placed on the mesh."""
-    start = ckpt.latest_step()
+    position) or a fresh one; the frozen tree is placed on the mesh.
+
+    ``restore_step``: resume from that step instead of the newest. ``fallback_on_corrupt``:
+    an unreadable step is skipped (logged) for the newest readable one at or below it. The
+    steps above the one restored are moved aside (see ``Checkpointer.set_aside``)."""
+    steps = ckpt.all_steps()
+    resuming = bool(steps)
     # On resume the checkpoint holds the adapter: no need to scan the split for its init.
     embeds = None
-    if start is None:
+    if not resuming:
         embeds = training_user_embeds(config, inputs.splits, inputs.loader)
-    setup = build_task(config, inputs.models, embeds, resuming=start is not None)
+    setup = build_task(config, inputs.models, embeds, resuming=resuming)
     optimizer = make_optimizer(config.optim)
     seed, rules = int(config.seed), parallel.logical_rules(config.mesh)
     boxed_state = jax.eval_shape(lambda p: init_state(p, optimizer, seed), setup.trainable_boxes)
@@ -185,21 +275,40 @@ def create_state(config: Any, inputs: RunInputs, ckpt: Checkpointer, mesh: Any) 
         "replicated": parallel.replicated(mesh),
     }
     state_sh = shardings["state"]
-    if start is not None:
+    moved: dict[int, str] = {}
+    if resuming:
         abstract = _with_shardings(meta.unbox(boxed_state), state_sh)
-        state, data_state, saved_cfg = ckpt.restore(start, abstract)
+        try:
+            resumed = ckpt.resume(abstract, step=restore_step,
+                                  fallback_on_corrupt=fallback_on_corrupt)  # fmt: skip
+        except CheckpointError as e:
+            if restore_step is not None or fallback_on_corrupt or len(steps) < 2:
+                raise
+            raise CheckpointError(
+                f"{e}; to resume from an older step ({steps[:-1]}) instead: --restore-step N "
+                "or --fallback-on-corrupt (unreadable steps are moved aside, not deleted)"
+            ) from e
+        start, state, saved_cfg = resumed.step, resumed.state, resumed.config
         if saved_cfg.get("task") != config.task:
             raise ResumeError(
                 f"{ckpt.directory} holds a {saved_cfg.get('task')!r} run, not {config.task!r}"
             )
-        _restore_data_state(inputs.loader, data_state)
+        _restore_data_state(inputs.loader, resumed.data)
+        if resumed.unreadable:
+            log.warning("resuming from step %d of %s, the newest readable step (unreadable: %s)",
+                        start, ckpt.directory, sorted(resumed.unreadable))  # fmt: skip
+        # Steps above the one restored would be overwritten (or outrank it as the newest):
+        # moved aside, never deleted.
+        reasons = {s: "damaged" if s in resumed.unreadable else "set-aside"
+                   for s in steps if s > start}  # fmt: skip
+        moved = ckpt.set_aside(reasons)
         log.info("resumed from step %d of %s", start, ckpt.directory)
     else:
         start = 0
         init = jax.jit(lambda p: init_state(p, optimizer, seed), out_shardings=state_sh)
         state = init(parallel.put_tree(setup.trainable, state_sh.params))
     frozen = parallel.put_tree(setup.frozen, shardings["frozen"])
-    return RunState(setup, optimizer, state, frozen, start, mesh, shardings)
+    return RunState(setup, optimizer, state, frozen, start, mesh, shardings, moved)
 
 
 def compile_step(config: Any, run: RunState) -> Callable:
@@ -300,22 +409,35 @@ def run_loop(
 
 
 def train(
-    config: Any, workdir: str | os.PathLike, *, batch_hook: BatchHook | None = None
+    config: Any,
+    workdir: str | os.PathLike,
+    *,
+    batch_hook: BatchHook | None = None,
+    restore_step: int | None = None,
+    fallback_on_corrupt: bool = False,
 ) -> dict[str, Any]:
     """Train until ``config.train.steps``, resuming from ``workdir`` when it has a checkpoint.
 
-    Returns a summary: final step, last train metrics, last eval metrics, checkpoint steps.
+    Returns a summary: final step, last train metrics, last eval metrics, checkpoint steps
+    (and ``moved_aside``, the step folders moved out of the way, when there were any).
+    ``restore_step`` / ``fallback_on_corrupt``: see :func:`create_state`.
     ``batch_hook``: see the module docstring (tests only).
     """
+    check_config(config)  # first: a bad value fails before any set-up and makes no folder
     workdir = os.path.abspath(os.fspath(workdir))
-    if config.task not in TASKS:
-        raise ValueError(f"unknown task {config.task!r}; tasks: {TASKS}")
-    inputs = prepare_inputs(config)
-    mesh = parallel.make_mesh(config.mesh)
-    if inputs.batch_size % parallel.data_parallel_size(mesh):
-        raise ValueError(
-            f"global batch {inputs.batch_size} does not split over the mesh {mesh.shape}"
+    if restore_step is not None and restore_step not in (have := complete_steps(workdir)):
+        raise CheckpointError(
+            f"restore_step {restore_step}: no complete checkpoint step {restore_step} in "
+            f"{os.path.join(workdir, 'checkpoints')} (steps: {have})"
         )
+    mesh = parallel.make_mesh(config.mesh)
+    global_batch = int(config.train.batch_size) * int(config.train.accum_steps)
+    if global_batch % parallel.data_parallel_size(mesh):
+        raise ConfigValueError(
+            f"train.batch_size x train.accum_steps = {global_batch} does not split over the "
+            f"mesh {dict(mesh.shape)}"
+        )
+    inputs = prepare_inputs(config)
     os.makedirs(workdir, exist_ok=True)  # only once the inputs are known good
     # One exit stack from the checkpointer on: a set-up error (config, sharding) closes the
     # manager too, and the writer closes before it, as they were opened.
@@ -323,7 +445,8 @@ def train(
         tcfg = config.train
         ckpt = stack.enter_context(Checkpointer(workdir, max_to_keep=tcfg.keep_checkpoints,
                                                 async_save=tcfg.async_checkpoint))  # fmt: skip
-        run = create_state(config, inputs, ckpt, mesh)
+        run = create_state(config, inputs, ckpt, mesh, restore_step=restore_step,
+                           fallback_on_corrupt=fallback_on_corrupt)  # fmt: skip
         step_fn = compile_step(config, run)
         evaluate = make_evaluator(config, inputs, run)
         writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
@@ -336,6 +459,8 @@ def train(
     step = int(jax.device_get(state.step))
     summary = dict(workdir=workdir, start_step=run.start, checkpoints=checkpoints, step=step,
                    metrics=last, eval=eval_metrics)  # fmt: skip
+    if run.moved_aside:
+        summary["moved_aside"] = {str(k): v for k, v in run.moved_aside.items()}
     if config.task == "vae":
         summary["vae"] = _export_vae(inputs.models.vae, state.params, inputs.loader, workdir)
     if jax.process_index() == 0:
