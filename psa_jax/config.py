@@ -30,6 +30,21 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 2
 
 
+class ConfigFileError(PsaJaxError, FileNotFoundError):
+    """A config file that is missing or defines no ``get_config``."""
+
+
+class ConfigKeyError(PsaJaxError, KeyError):
+    """An override naming a key the config does not have (a typo must not train the default)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+class ConfigOverrideError(PsaJaxError, ValueError):
+    """An override that is not ``KEY=VALUE`` or whose value has the wrong type."""
+
+
 class RunConfigError(PsaJaxError, ValueError):
     """A saved run config that this psa_jax cannot read (newer schema, malformed version)."""
 
@@ -133,7 +148,7 @@ def load_config(path: str | os.PathLike, arg: str | None = None) -> ml_collectio
     if ":" in path and not os.path.exists(path):
         path, arg = path.split(":", 1)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no config file at {path}")
+        raise ConfigFileError(f"no config file at {path}")
     root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
     added = root not in sys.path
     if added:
@@ -147,7 +162,7 @@ def load_config(path: str | os.PathLike, arg: str | None = None) -> ml_collectio
         if added:
             sys.path.remove(root)
     if not hasattr(module, "get_config"):
-        raise AttributeError(f"{path} defines no get_config(arg=None)")
+        raise ConfigFileError(f"{path} defines no get_config(arg=None)")
     return module.get_config(arg) if arg is not None else module.get_config()
 
 
@@ -173,21 +188,26 @@ def apply_overrides(
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"config override {item!r} is not KEY=VALUE")
+            raise ConfigOverrideError(f"config override {item!r} is not KEY=VALUE")
         *parents, leaf = key.split(".")
         node = config
         for i, name in enumerate(parents):
             if name not in node:
                 where = ".".join(parents[:i]) or "<config>"
-                raise KeyError(f"unknown config key {key!r}: {where} has {sorted(node.keys())}")
+                raise ConfigKeyError(
+                    f"unknown config key {key!r}: {where} has {sorted(node.keys())}"
+                )
             node = node[name]
         if not isinstance(node, (ml_collections.ConfigDict, dict)) or leaf not in node:
             have = sorted(node.keys()) if hasattr(node, "keys") else type(node).__name__
-            raise KeyError(
+            raise ConfigKeyError(
                 f"unknown config key {key!r}: {'.'.join(parents) or '<config>'} has {have}"
             )
         value = parse_value(text)
         if isinstance(node[leaf], float) and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        node[leaf] = value
+        try:
+            node[leaf] = value
+        except TypeError as err:  # ConfigDict keeps a field's type: an int field takes 5, not "x"
+            raise ConfigOverrideError(f"config override {item!r}: {err}") from None
     return config

@@ -3,7 +3,7 @@
 import pytest
 
 from psa_jax.cli import main
-from psa_jax.config import load_config
+from psa_jax.config import ConfigFileError, load_config
 
 
 def test_load_config_by_path():
@@ -13,11 +13,30 @@ def test_load_config_by_path():
 
 
 def test_missing_config_is_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"nope\.py"):
+    with pytest.raises(ConfigFileError, match=r"nope\.py"):
         load_config(tmp_path / "nope.py")
     (tmp_path / "bad.py").write_text("x = 1\n")
-    with pytest.raises(AttributeError, match="get_config"):
+    with pytest.raises(ConfigFileError, match="get_config"):
         load_config(tmp_path / "bad.py")
+
+
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("--config.train.stpes=3", "unknown config key 'train.stpes': train has"),
+        ("--config.train.steps=many", "config override 'train.steps=many'"),
+        ("--stpes=3", "unrecognized argument '--stpes=3'"),
+    ],
+)
+def test_bad_config_overrides_are_one_line_before_any_work(tmp_path, capsys, override, named):
+    """A typo in an override: exit 2, one line naming it, no traceback, no workdir."""
+    workdir = tmp_path / "run"
+    argv = ["train", "--config", "configs/tiny.py", "--workdir", str(workdir), override]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("psa-jax train: error: ") and len(err.splitlines()) == 1, err
+    assert named in err
+    assert not workdir.exists()
 
 
 @pytest.mark.slow

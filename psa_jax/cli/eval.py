@@ -15,6 +15,7 @@ import sys
 from typing import Any
 
 from psa_jax.core.checkpoint import RunNotFoundError, require_run
+from psa_jax.core.errors import UsageError
 from psa_jax.core.outputs import OutputExistsError
 from psa_jax.data.embed import MissingEmbeddingError
 from psa_jax.eval import benchmark, report
@@ -94,7 +95,7 @@ def _guard(name: str, fn, args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     if bool(args.workdir) == bool(args.pretrained):
-        raise SystemExit("psa-jax eval: give exactly one of --workdir and --pretrained")
+        raise UsageError("give exactly one of --workdir and --pretrained")
     settings = _settings(args, benchmark.TOY_SCORERS)
     scorers = _preflight(args, settings, "results.json")
     model = _model(args)

@@ -8,7 +8,7 @@ from typing import Any
 
 import jax
 
-from psa_jax.config import apply_overrides, load_config
+from psa_jax.config import ConfigOverrideError, apply_overrides, load_config
 from psa_jax.train.trainer import train
 
 
@@ -18,11 +18,13 @@ def config_overrides(extra: list[str]) -> list[str]:
     while i < len(extra):
         item = extra[i]
         if not item.startswith("--config."):
-            raise SystemExit(f"psa-jax train: unrecognized argument {item!r}")
+            raise ConfigOverrideError(
+                f"unrecognized argument {item!r} (overrides are --config.KEY=VALUE)"
+            )
         body = item[len("--config.") :]
         if "=" not in body:
             if i + 1 >= len(extra):
-                raise SystemExit(f"psa-jax train: {item} needs a value")
+                raise ConfigOverrideError(f"{item} needs a value")
             body, i = f"{body}={extra[i + 1]}", i + 1
         out.append(body)
         i += 1

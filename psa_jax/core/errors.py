@@ -13,3 +13,7 @@ EXIT_BAD_INPUT = 2
 
 class PsaJaxError(Exception):
     """Bad input, named: the message alone tells the user what to fix."""
+
+
+class UsageError(PsaJaxError, ValueError):
+    """Command-line flags that do not fit together (e.g. both or neither of two choices)."""

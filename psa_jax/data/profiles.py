@@ -90,7 +90,8 @@ def read_users(path: str | os.PathLike, *, ids_from_row_order: bool = False) -> 
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise ProfileError(f"users file {path!r} does not exist")
+        what = "is not a regular file" if os.path.exists(path) else "does not exist"
+        raise ProfileError(f"users file {path!r} {what}")
     with open(path, "rb") as f:
         data = f.read()
     try:
