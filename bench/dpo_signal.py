@@ -22,7 +22,8 @@ from psa_jax.cli.train import config_overrides
 from psa_jax.config import apply_overrides, load_config
 from psa_jax.data import prepare
 from psa_jax.models import loading
-from psa_jax.train import tasks, trainer
+from psa_jax.train import tasks
+from psa_jax.train.step import step_inputs
 
 
 def _flat(tree) -> np.ndarray:
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
     margins = jax.jit(lambda a, b, r: task.margins(a, frozen, b, r))
 
     grads = np.stack(
-        [_flat(grad(adapter, trainer.step_inputs(next(train_it)), jax.random.PRNGKey(i)))
+        [_flat(grad(adapter, step_inputs(next(train_it)), jax.random.PRNGKey(i)))
          for i in range(args.batches)]
     )  # fmt: skip
     mean = grads.mean(0)
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
         "snr_per_batch": float(np.linalg.norm(mean)) / per_batch,
         "first_order_pair_acc": {},
     }
-    held_out = [trainer.step_inputs(next(eval_it)) for _ in range(2)]
+    held_out = [step_inputs(next(eval_it)) for _ in range(2)]
     direction = -mean / max(np.linalg.norm(mean), 1e-30)
     for scale in (float(s) for s in args.scales.split(",")):
         moved = _unflat(_flat(adapter) + scale * direction, adapter)

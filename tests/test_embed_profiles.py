@@ -11,14 +11,9 @@ import numpy as np
 import pytest
 
 from psa_jax.cli.data import register_embed
-from psa_jax.data.embed import (
-    EmbeddingError,
-    EmbeddingFileError,
-    MissingEmbeddingError,
-    embed_profiles,
-    get_encoder,
-    load_embeddings,
-)
+from psa_jax.data.embed import embed_profiles, load_embeddings
+from psa_jax.data.embed_format import EmbeddingError, EmbeddingFileError, MissingEmbeddingError
+from psa_jax.data.encoders import get_encoder
 from psa_jax.data.profiles import CATEGORIES, ProfileError, banned_prompt, embed_prompt, read_users
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "psalign")
@@ -361,7 +356,7 @@ def test_a_template_without_a_system_role_gets_the_system_text_in_the_user_turn(
     user turn (counted), never dropped; any other template error propagates."""
     from jinja2.exceptions import TemplateError
 
-    from psa_jax.data.embed import _BANNED_SYSTEM, CausalLMEncoder
+    from psa_jax.data.encoders import _BANNED_SYSTEM, CausalLMEncoder
 
     class NoSystemTokenizer:
         chat_template = "stub"

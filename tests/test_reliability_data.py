@@ -18,9 +18,10 @@ import pytest
 from snapshots import tree_digest
 
 from psa_jax.cli import main
-from psa_jax.data import embed
-from psa_jax.data.embed import EmbeddingError, EmbeddingFileError, embed_profiles, load_embeddings
-from psa_jax.data.profiles import ProfileError, packaged_users_csv, read_users
+from psa_jax.data import embed, encoders
+from psa_jax.data.embed import embed_profiles, load_embeddings
+from psa_jax.data.embed_format import FORMAT, EmbeddingError, EmbeddingFileError
+from psa_jax.data.profiles import ProfileError, embed_prompt, packaged_users_csv, read_users
 
 DIM = 8
 PACKAGED = packaged_users_csv()
@@ -42,7 +43,7 @@ class HashEncoder:
 @pytest.fixture(autouse=True)
 def hash_encoder(monkeypatch):
     """``--encoder hash`` on the command line."""
-    monkeypatch.setitem(embed.ENCODERS, "hash", (False, lambda _arg, _dev, _dt: HashEncoder()))
+    monkeypatch.setitem(encoders.ENCODERS, "hash", (False, lambda _arg, _dev, _dt: HashEncoder()))
 
 
 def users_file(path, rows: dict[int, int] | list[int], with_ids: bool = True) -> str:
@@ -120,7 +121,7 @@ def test_ids_from_row_order_numbers_users_by_row(tmp_path, capsys):
     by_row = {p.user_id: p for p in read_users(PACKAGED)}
     assert list(vecs) == ["0000001", "0000002", "0000003"]
     for uid, vec in vecs.items():  # row i is the packaged file's user i
-        want = HashEncoder().encode([embed.prof.embed_prompt(by_row[uid])])[0]
+        want = HashEncoder().encode([embed_prompt(by_row[uid])])[0]
         np.testing.assert_array_equal(vec, want)
     rows = {i: i for i in range(1, 31)}
     users30 = users_file(tmp_path / "cut30.csv", rows, with_ids=False)
@@ -181,7 +182,7 @@ def test_merge_same_encoder_keeps_old_vectors(tmp_path, capsys):
     }  # every old vector byte-identical
     assert sorted(after) == sorted([*before, "0000003.npy", "0000004.npy"])  # no temp files
     manifest = json.loads(open(os.path.join(out, "manifest.json"), encoding="utf-8").read())
-    assert manifest["format"] == embed.FORMAT and manifest["num_users"] == 4
+    assert manifest["format"] == FORMAT and manifest["num_users"] == 4
     assert manifest["user_ids"] == ["0000001", "0000002", "0000003", "0000004"]
     assert [r["users_csv"] for r in manifest["runs"]] == ["first.csv", "more.csv"]
     assert [r["added"] for r in manifest["runs"]] == [2, 2]
@@ -253,7 +254,7 @@ def test_wrong_shaped_npy_names_the_odd_file(tmp_path, capsys):
         np.save(os.path.join(out, f"{uid}.npy"), np.zeros(5, np.float32))
     for load in (
         lambda: load_embeddings(out),
-        lambda: embed.get_encoder(f"npy:{out}").vectors(["0000001"]),
+        lambda: encoders.get_encoder(f"npy:{out}").vectors(["0000001"]),
     ):
         with pytest.raises(EmbeddingFileError) as info:
             load()
@@ -270,4 +271,4 @@ def test_npy_size_tie_names_both_sizes(tmp_path, capsys):
     assert rc == 2 and src in line and "0000001.npy" in line and "0000002.npy" in line
     assert "(5,)" in line and f"({DIM},)" in line
     with pytest.raises(EmbeddingError, match="no majority"):
-        embed.get_encoder(f"npy:{src}")
+        encoders.get_encoder(f"npy:{src}")

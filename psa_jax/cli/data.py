@@ -7,7 +7,8 @@ import dataclasses
 import json
 import os
 
-from psa_jax.data.embed import embed_profiles, get_encoder
+from psa_jax.data.embed import embed_profiles
+from psa_jax.data.encoders import get_encoder
 from psa_jax.data.profiles import read_users
 from psa_jax.data.sage import build_data
 from psa_jax.data.toy_scenes import ToyWorldConfig

@@ -17,7 +17,7 @@ from typing import Any
 from psa_jax.core.checkpoint import RunNotFoundError, require_run
 from psa_jax.core.errors import UsageError
 from psa_jax.core.outputs import OutputExistsError
-from psa_jax.data.embed import MissingEmbeddingError
+from psa_jax.data.embed_format import MissingEmbeddingError
 from psa_jax.eval import benchmark, report
 from psa_jax.eval.plans import PromptsError, read_prompt_rows
 from psa_jax.eval.scorers import ScorerContext, ScorerError

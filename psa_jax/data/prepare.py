@@ -25,6 +25,7 @@ import numpy as np
 from psa_jax.core.parallel import process_zero_first
 from psa_jax.data import cache as cache_lib
 from psa_jax.data import embed, sage, toy_scenes, toy_world
+from psa_jax.data.embed_format import MANIFEST
 from psa_jax.data.loader import SageLoader
 from psa_jax.data.tokenizer import build_word_tokenizer, load_tokenizer
 
@@ -123,7 +124,7 @@ def _embeddings(config: Any, root: str, users_csv: str | None) -> dict[str, np.n
         )
 
     def make() -> None:
-        if not os.path.isfile(os.path.join(out, embed.MANIFEST)):
+        if not os.path.isfile(os.path.join(out, MANIFEST)):
             embed.embed_profiles(users_csv, "minilm", out)
 
     process_zero_first(make, "embeddings")

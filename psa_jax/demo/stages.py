@@ -86,7 +86,7 @@ def stage_dpo(settings: DemoSettings, log) -> dict[str, Any]:
 
 def _train_dpo(config: Any, workdir: str, log, name: str = "dpo") -> dict[str, Any]:
     """Diffusion-DPO into ``workdir``, resumed when it holds a run of the same key."""
-    from psa_jax.data.embed import sha256_folder
+    from psa_jax.data.encoders import sha256_folder
     from psa_jax.train.trainer import train
 
     key = {"config": json.loads(config.to_json_best_effort()),

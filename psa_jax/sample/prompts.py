@@ -58,7 +58,7 @@ def _user_key(user: str) -> str:
 
 def profile_embeddings(users: list[str], table: dict[str, np.ndarray] | None) -> np.ndarray:
     """``[N, D]`` embeddings of ``users`` from ``table``; a user without one is an error."""
-    from psa_jax.data.embed import MissingEmbeddingError
+    from psa_jax.data.embed_format import MissingEmbeddingError
 
     if table is None:
         raise SampleInputError("no profile embeddings: pass --embeddings DIR (from embed-profiles)")
@@ -79,7 +79,7 @@ def check_users(
 ) -> int | None:
     """Every user has an embedding in ``table`` (else :class:`MissingEmbeddingError` naming
     them and ``where``) and all have one size, which is returned (None: no users)."""
-    from psa_jax.data.embed import MissingEmbeddingError
+    from psa_jax.data.embed_format import MissingEmbeddingError
 
     if not users:
         return None

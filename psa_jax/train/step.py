@@ -288,3 +288,20 @@ def init_state(params: Any, optimizer: optax.GradientTransformation, seed: int) 
         opt_state=optimizer.init(params),
         rng=jax.random.PRNGKey(seed),
     )
+
+
+_BATCH_KEYS = (
+    "chosen_moments",
+    "rejected_moments",
+    "chosen",
+    "rejected",
+    "text_states",
+    "text_pooled",
+    "user_embeds",
+    "time_ids",
+)
+
+
+def step_inputs(batch: dict) -> dict:
+    """The arrays of a loader batch that a train step reads (not ids, hashes or captions)."""
+    return {k: batch[k] for k in _BATCH_KEYS if k in batch}

@@ -29,7 +29,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Callable
@@ -48,31 +47,19 @@ from psa_jax.data import prepare
 from psa_jax.data.loader import make_global_batch
 from psa_jax.models import loading
 from psa_jax.models.vae import FlaxAutoencoderKL
+from psa_jax.train.checks import ConfigValueError, check_config
+from psa_jax.train.evaluation import make_evaluator
 from psa_jax.train.metrics_io import MetricWriter
-from psa_jax.train.optim import OPTIMIZERS, SCHEDULES, make_lr_schedule, make_optimizer
+from psa_jax.train.optim import make_lr_schedule, make_optimizer
 from psa_jax.train.step import (
     init_state,
     latent_scaling_factor,
     make_train_step,
+    step_inputs,
 )
-from psa_jax.train.tasks import TASKS, Setup, build_task, training_user_embeds
+from psa_jax.train.tasks import Setup, build_task, training_user_embeds
 
 log = logging.getLogger(__name__)
-_BATCH_KEYS = (
-    "chosen_moments",
-    "rejected_moments",
-    "chosen",
-    "rejected",
-    "text_states",
-    "text_pooled",
-    "user_embeds",
-    "time_ids",
-)
-
-
-def step_inputs(batch: dict) -> dict:
-    """The arrays of a loader batch that a train step reads (not ids, hashes or captions)."""
-    return {k: batch[k] for k in _BATCH_KEYS if k in batch}
 
 
 class NonFiniteError(FloatingPointError):
@@ -81,73 +68,6 @@ class NonFiniteError(FloatingPointError):
 
 class ResumeError(PsaJaxError, RuntimeError):
     """A checkpoint cannot continue this run (other process count, other task)."""
-
-
-class ConfigValueError(PsaJaxError, ValueError):
-    """A config value a run cannot train with (a batch of 0, a negative learning rate, an
-    unknown task); the message names the key and the value."""
-
-
-def _value(config: Any, path: str) -> Any:
-    node = config
-    for name in path.split("."):
-        if not hasattr(node, "keys") or name not in node:
-            raise ConfigValueError(f"config has no key {path}")
-        node = node[name]
-    return node
-
-
-def _check_int(config: Any, path: str, low: int) -> int:
-    v = _value(config, path)
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
-        raise ConfigValueError(f"{path}={v!r}: must be an integer >= {low}")
-    return int(v)
-
-
-def _check_number(config: Any, path: str, low: float, *, above: bool) -> float:
-    v = _value(config, path)
-    ok = isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
-    ok = ok and math.isfinite(v) and (v > low if above else v >= low)
-    if not ok:
-        raise ConfigValueError(f"{path}={v!r}: must be a finite number {'>' if above else '>='} "
-                               f"{low}")  # fmt: skip
-    return float(v)
-
-
-def check_config(config: Any) -> None:
-    """Raise :class:`ConfigValueError` naming the first key whose value cannot train: the task,
-    the loop's counts (``train.steps``, ``batch_size``, ``accum_steps``, ``checkpoint_every``
-    >= 1; ``eval_every`` >= 0; ``keep_checkpoints`` None or >= 1; the eval sizes >= 1 when it
-    evaluates), the loss weights, and the ``optim`` section (``learning_rate`` > 0, known
-    optimizer and schedule, a schedule that can be built). Reads the config only: milliseconds,
-    before any model, data or folder."""
-    task = _value(config, "task")
-    if task not in TASKS:
-        raise ConfigValueError(f"task={task!r}: unknown; tasks: {list(TASKS)}")
-    for key in ("steps", "batch_size", "accum_steps", "checkpoint_every"):
-        _check_int(config, f"train.{key}", 1)
-    if _check_int(config, "train.eval_every", 0) and config.data.get("eval_split"):
-        for key in ("eval_batches", "eval_batch_size", "eval_draws"):
-            _check_int(config, f"train.{key}", 1)
-    if _value(config, "train.keep_checkpoints") is not None:
-        _check_int(config, "train.keep_checkpoints", 1)
-    if task == "dpo":
-        _check_number(config, "train.beta", 0.0, above=True)
-        _check_number(config, "train.dpo_chosen_weight", 0.0, above=False)
-    if task == "denoise":
-        _check_number(config, "train.snr_gamma", 0.0, above=False)
-    if task == "vae":
-        _check_number(config, "train.vae_kl_weight", 0.0, above=False)
-    _check_number(config, "optim.learning_rate", 0.0, above=True)
-    for key, known in (("name", OPTIMIZERS), ("schedule", SCHEDULES)):
-        if _value(config, f"optim.{key}") not in known:
-            raise ConfigValueError(f"optim.{key}={config.optim[key]!r}: unknown; known: "
-                                   f"{sorted(known)}")  # fmt: skip
-    _check_int(config, "optim.warmup_steps", 0)
-    try:  # the rest of the optimizer's own checks (cosine total_steps, unknown keys, ...)
-        make_optimizer(config.optim)
-    except (ValueError, TypeError) as e:
-        raise ConfigValueError(f"optim: {e}") from e
 
 
 def _with_shardings(abstract: Any, shardings: Any) -> Any:
@@ -173,33 +93,6 @@ def _restore_data_state(loader: Any, saved: dict) -> None:
             f"{loader.process_count}: its data position cannot be restored exactly"
         )
     loader.set_state({**saved, "process_index": loader.process_index})
-
-
-def _evaluate(eval_fns, state, frozen, batches, mesh, draws: int) -> dict[str, float]:
-    """Held-out metrics over fixed batches with fixed rngs (comparable across steps and runs).
-
-    ``eval/<metric>``: the training metrics, one (noise, timestep) draw per pair.
-    ``eval/pair_acc``: share of pairs whose reward margin, averaged over ``draws`` draws, is
-    positive (ties half) -- the sign of the expected implicit reward, far less noisy than one
-    draw. A run evaluates at step 0 too, so that the curve starts at the untrained value.
-    """
-    metrics_fn, margins_fn = eval_fns
-    totals: dict[str, float] = {}
-    right = count = 0
-    for i, batch in enumerate(batches):
-        gb = make_global_batch(batch, mesh, PartitionSpec(parallel.BATCH_AXES))
-        m = jax.device_get(metrics_fn(state.params, frozen, gb, jax.random.PRNGKey(10_000 + i)))
-        for k, v in m.items():
-            totals[k] = totals.get(k, 0.0) + float(v) / len(batches)
-        if margins_fn is not None:
-            keys = [jax.random.PRNGKey(20_000 + draws * i + k) for k in range(draws)]
-            mean = np.mean([np.asarray(margins_fn(state.params, frozen, gb, k)) for k in keys], 0)
-            # A tie (an adapter still at its zero init: policy == reference) counts half.
-            hits = float(np.sum(mean > 0)) + 0.5 * float(np.sum(mean == 0))
-            right, count = right + hits, count + mean.size
-    if count:
-        totals["pair_acc"] = right / count
-    return totals
 
 
 BatchHook = Callable[[int, dict, Checkpointer], dict]
@@ -278,37 +171,52 @@ def create_state(
     moved: dict[int, str] = {}
     if resuming:
         abstract = _with_shardings(meta.unbox(boxed_state), state_sh)
-        try:
-            resumed = ckpt.resume(abstract, step=restore_step,
-                                  fallback_on_corrupt=fallback_on_corrupt)  # fmt: skip
-        except CheckpointError as e:
-            if restore_step is not None or fallback_on_corrupt or len(steps) < 2:
-                raise
-            raise CheckpointError(
-                f"{e}; to resume from an older step ({steps[:-1]}) instead: --restore-step N "
-                "or --fallback-on-corrupt (unreadable steps are moved aside, not deleted)"
-            ) from e
-        start, state, saved_cfg = resumed.step, resumed.state, resumed.config
-        if saved_cfg.get("task") != config.task:
-            raise ResumeError(
-                f"{ckpt.directory} holds a {saved_cfg.get('task')!r} run, not {config.task!r}"
-            )
-        _restore_data_state(inputs.loader, resumed.data)
-        if resumed.unreadable:
-            log.warning("resuming from step %d of %s, the newest readable step (unreadable: %s)",
-                        start, ckpt.directory, sorted(resumed.unreadable))  # fmt: skip
-        # Steps above the one restored would be overwritten (or outrank it as the newest):
-        # moved aside, never deleted.
-        reasons = {s: "damaged" if s in resumed.unreadable else "set-aside"
-                   for s in steps if s > start}  # fmt: skip
-        moved = ckpt.set_aside(reasons)
-        log.info("resumed from step %d of %s", start, ckpt.directory)
+        start, state, moved = _resume(config, inputs, ckpt, abstract, restore_step,
+                                      fallback_on_corrupt)  # fmt: skip
     else:
         start = 0
         init = jax.jit(lambda p: init_state(p, optimizer, seed), out_shardings=state_sh)
         state = init(parallel.put_tree(setup.trainable, state_sh.params))
     frozen = parallel.put_tree(setup.frozen, shardings["frozen"])
     return RunState(setup, optimizer, state, frozen, start, mesh, shardings, moved)
+
+
+def _resume(
+    config: Any,
+    inputs: RunInputs,
+    ckpt: Checkpointer,
+    abstract: Any,
+    restore_step: int | None,
+    fallback_on_corrupt: bool,
+) -> tuple[int, Any, dict[int, str]]:
+    """``(step, state, moved)`` from the checkpoint to continue from (see :func:`create_state`);
+    the loader is set to that step's data position."""
+    steps = ckpt.all_steps()
+    try:
+        resumed = ckpt.resume(abstract, step=restore_step, fallback_on_corrupt=fallback_on_corrupt)
+    except CheckpointError as e:
+        if restore_step is not None or fallback_on_corrupt or len(steps) < 2:
+            raise
+        raise CheckpointError(
+            f"{e}; to resume from an older step ({steps[:-1]}) instead: --restore-step N "
+            "or --fallback-on-corrupt (unreadable steps are moved aside, not deleted)"
+        ) from e
+    start, saved_cfg = resumed.step, resumed.config
+    if saved_cfg.get("task") != config.task:
+        raise ResumeError(
+            f"{ckpt.directory} holds a {saved_cfg.get('task')!r} run, not {config.task!r}"
+        )
+    _restore_data_state(inputs.loader, resumed.data)
+    if resumed.unreadable:
+        log.warning("resuming from step %d of %s, the newest readable step (unreadable: %s)",
+                    start, ckpt.directory, sorted(resumed.unreadable))  # fmt: skip
+    # Steps above the one restored would be overwritten (or outrank it as the newest):
+    # moved aside, never deleted.
+    reasons = {s: "damaged" if s in resumed.unreadable else "set-aside"
+               for s in steps if s > start}  # fmt: skip
+    moved = ckpt.set_aside(reasons)
+    log.info("resumed from step %d of %s", start, ckpt.directory)
+    return start, resumed.state, moved
 
 
 def compile_step(config: Any, run: RunState) -> Callable:
@@ -320,34 +228,6 @@ def compile_step(config: Any, run: RunState) -> Callable:
         out_shardings=(sh["state"], sh["replicated"]),
         donate_argnums=(0,),
     )
-
-
-def make_evaluator(config: Any, inputs: RunInputs, run: RunState) -> Callable | None:
-    """``evaluate(state) -> metrics`` over fixed held-out batches (see :func:`_evaluate`), or
-    None without an eval split or ``train.eval_every``."""
-    tcfg = config.train
-    if not (config.data.eval_split and tcfg.eval_every):
-        return None
-    split = config.data.eval_split
-    caches = prepare.open_caches(config, inputs.models, inputs.splits, split, inputs.with_vae)
-    loader = prepare.make_loader(config, inputs.splits, split, caches,
-                                 int(tcfg.eval_batch_size), seed=int(config.seed), shuffle=True,
-                                 num_epochs=1)  # fmt: skip
-    batches = [step_inputs(next(loader)) for _ in range(int(tcfg.eval_batches))]
-    task, sh = run.setup.task, run.shardings
-
-    def metrics_fn(p, f, b, r):
-        loss, m = task.loss(p, f, b, r)
-        return {**m, "loss": loss}
-
-    shardings = (sh["state"].params, sh["frozen"], sh["batch"], sh["replicated"])
-    margins = getattr(task, "margins", None)
-    fns = (
-        jax.jit(metrics_fn, in_shardings=shardings),
-        None if margins is None else jax.jit(margins, in_shardings=shardings),
-    )
-    draws = int(tcfg.eval_draws)
-    return lambda state: _evaluate(fns, state, run.frozen, batches, run.mesh, draws)
 
 
 def run_loop(

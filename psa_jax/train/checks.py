@@ -1,0 +1,80 @@
+"""Config values checked before a run builds anything: a batch of 0, a negative learning rate
+or an unknown task fails in milliseconds naming the key, not after minutes of set-up."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from psa_jax.core.errors import PsaJaxError
+from psa_jax.train.optim import OPTIMIZERS, SCHEDULES, make_optimizer
+from psa_jax.train.tasks import TASKS
+
+
+class ConfigValueError(PsaJaxError, ValueError):
+    """A config value a run cannot train with (a batch of 0, a negative learning rate, an
+    unknown task); the message names the key and the value."""
+
+
+def _value(config: Any, path: str) -> Any:
+    node = config
+    for name in path.split("."):
+        if not hasattr(node, "keys") or name not in node:
+            raise ConfigValueError(f"config has no key {path}")
+        node = node[name]
+    return node
+
+
+def _check_int(config: Any, path: str, low: int) -> int:
+    v = _value(config, path)
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
+        raise ConfigValueError(f"{path}={v!r}: must be an integer >= {low}")
+    return int(v)
+
+
+def _check_number(config: Any, path: str, low: float, *, above: bool) -> float:
+    v = _value(config, path)
+    ok = isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
+    ok = ok and math.isfinite(v) and (v > low if above else v >= low)
+    if not ok:
+        raise ConfigValueError(f"{path}={v!r}: must be a finite number {'>' if above else '>='} "
+                               f"{low}")  # fmt: skip
+    return float(v)
+
+
+def check_config(config: Any) -> None:
+    """Raise :class:`ConfigValueError` naming the first key whose value cannot train: the task,
+    the loop's counts (``train.steps``, ``batch_size``, ``accum_steps``, ``checkpoint_every``
+    >= 1; ``eval_every`` >= 0; ``keep_checkpoints`` None or >= 1; the eval sizes >= 1 when it
+    evaluates), the loss weights, and the ``optim`` section (``learning_rate`` > 0, known
+    optimizer and schedule, a schedule that can be built). Reads the config only: milliseconds,
+    before any model, data or folder."""
+    task = _value(config, "task")
+    if task not in TASKS:
+        raise ConfigValueError(f"task={task!r}: unknown; tasks: {list(TASKS)}")
+    for key in ("steps", "batch_size", "accum_steps", "checkpoint_every"):
+        _check_int(config, f"train.{key}", 1)
+    if _check_int(config, "train.eval_every", 0) and config.data.get("eval_split"):
+        for key in ("eval_batches", "eval_batch_size", "eval_draws"):
+            _check_int(config, f"train.{key}", 1)
+    if _value(config, "train.keep_checkpoints") is not None:
+        _check_int(config, "train.keep_checkpoints", 1)
+    if task == "dpo":
+        _check_number(config, "train.beta", 0.0, above=True)
+        _check_number(config, "train.dpo_chosen_weight", 0.0, above=False)
+    if task == "denoise":
+        _check_number(config, "train.snr_gamma", 0.0, above=False)
+    if task == "vae":
+        _check_number(config, "train.vae_kl_weight", 0.0, above=False)
+    _check_number(config, "optim.learning_rate", 0.0, above=True)
+    for key, known in (("name", OPTIMIZERS), ("schedule", SCHEDULES)):
+        if _value(config, f"optim.{key}") not in known:
+            raise ConfigValueError(f"optim.{key}={config.optim[key]!r}: unknown; known: "
+                                   f"{sorted(known)}")  # fmt: skip
+    _check_int(config, "optim.warmup_steps", 0)
+    try:  # the rest of the optimizer's own checks (cosine total_steps, unknown keys, ...)
+        make_optimizer(config.optim)
+    except (ValueError, TypeError) as e:
+        raise ConfigValueError(f"optim: {e}") from e
