@@ -20,7 +20,7 @@ LAYERS = (
     ("sample",),
     ("eval",),
     ("export",),
-    ("demo",),
+    ("demo", "bench"),
     ("cli",),
 )
 RANK = {stage: i for i, row in enumerate(LAYERS) for stage in row}

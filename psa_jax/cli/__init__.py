@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from psa_jax.core.errors import EXIT_BAD_INPUT, PsaJaxError
@@ -33,14 +34,61 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--seed", type=int, default=0)
     info.set_defaults(func=_info)
     # Each subcommand's module imports its stage only when the parser is built.
-    from psa_jax.cli import data, demo, eval, export, sample, train
+    from psa_jax.cli import bench, data, demo, eval, export, sample, train
 
-    for module in (data, train, sample, eval, export, demo):
+    for module in (data, train, sample, eval, export, demo, bench):
         module.register(sub)
     return parser
 
 
+COMPILATION_CACHE_ENV = "PSA_JAX_COMPILATION_CACHE"
+_OFF = ("0", "off", "false", "no")
+
+
+def compilation_cache_dir() -> str | None:
+    """Where the ``psa-jax`` program keeps compiled XLA programs between commands, None: off.
+
+    ``$PSA_JAX_COMPILATION_CACHE``: ``0``/``off`` turns the cache off, any other value is the
+    folder; unset, ``<$PSA_JAX_CACHE or ~/.cache/psa_jax>/jax_compilation_cache``. A cache
+    folder that JAX already has (``$JAX_COMPILATION_CACHE_DIR``) is kept."""
+    import jax
+
+    setting = os.environ.get(COMPILATION_CACHE_ENV, "").strip()
+    if setting.lower() in _OFF:
+        return None
+    if jax.config.jax_compilation_cache_dir:
+        return jax.config.jax_compilation_cache_dir
+    if not setting:
+        from psa_jax.data.prepare import CACHE_ENV
+
+        setting = os.path.join(
+            os.environ.get(CACHE_ENV) or "~/.cache/psa_jax", "jax_compilation_cache"
+        )
+    return os.path.abspath(os.path.expanduser(setting))
+
+
+def _use_compilation_cache() -> None:
+    """JAX's persistent compilation cache for this process: a command's second run loads its
+    compiled sampler, encoders and steps instead of compiling them (the same executables, so
+    the same results). Every program is kept, however quickly it compiled, unless
+    ``$JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` says otherwise."""
+    import jax
+
+    path = compilation_cache_dir()
+    if path is None or path == jax.config.jax_compilation_cache_dir:
+        return
+    jax.config.update("jax_compilation_cache_dir", path)
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The ``psa-jax`` program. Run as the program (``argv`` None: the console script,
+    ``python -m psa_jax.cli``), it turns on the compilation cache
+    (:func:`compilation_cache_dir`); a call with an explicit ``argv`` (tests, scripts) leaves
+    JAX's settings alone."""
+    if argv is None:
+        _use_compilation_cache()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "accepts_extra", False):

@@ -77,8 +77,22 @@ def toy_world_dir(config: Any) -> str:
     return _toy_splits(config, cache_root(config))[0]
 
 
-def prepare_data(config: Any, models: Any) -> Splits:
-    """Build (or reuse) the TFDS splits, embeddings and tokenizer a run needs."""
+def _sources(config: Any, root: str) -> tuple[str, dict[str, str], str | None, str]:
+    """The world folder, its split folders, the users CSV and the TFDS cache tag."""
+    data = config.data
+    if data.source == "toy":
+        world, sources, users_csv = _toy_splits(config, root)
+        return world, sources, users_csv, os.path.basename(world)
+    world = os.path.abspath(os.path.expanduser(data.source))
+    sources = sage.find_splits(world, data.train_split)
+    return world, sources, data.users_csv, f"src-{_key(world)}"
+
+
+def prepare_data(config: Any, models: Any, *, build_splits: bool = True) -> Splits:
+    """Build (or reuse) the TFDS splits, embeddings and tokenizer a run needs.
+
+    ``build_splits=False``: the embeddings and tokenizer only (``data_dirs`` empty), for what
+    reads no training examples (sampling); nothing is built or checked for the TFDS splits."""
     root = cache_root(config)
     data = config.data
     if not data.source or not data.embeddings:
@@ -88,16 +102,9 @@ def prepare_data(config: Any, models: Any) -> Splits:
         )
     resolution = data.resolution
     wanted = [data.train_split] + ([data.eval_split] if data.eval_split else [])
-    if data.source == "toy":
-        world, sources, users_csv = _toy_splits(config, root)
-        tag = os.path.basename(world)
-    else:
-        world = os.path.abspath(os.path.expanduser(data.source))
-        sources = sage.find_splits(world, data.train_split)
-        users_csv = data.users_csv
-        tag = f"src-{_key(world)}"
+    world, sources, users_csv, tag = _sources(config, root)
     data_dirs = {}
-    for split in wanted:
+    for split in wanted if build_splits else ():
         if split not in sources:
             raise FileNotFoundError(f"split {split!r} not in {world} (has {sorted(sources)})")
         out = os.path.join(root, "tfds", tag, f"{split}-r{resolution}")
@@ -106,10 +113,22 @@ def prepare_data(config: Any, models: Any) -> Splits:
             f"build:{split}",
         )
     embeddings = _embeddings(config, root, users_csv)
-    tokenizer = models.tokenizer
-    if tokenizer is None:
-        tokenizer = process_zero_first(lambda: _toy_tokenizer(config, root, sources), "tok")
-    return Splits(data_dirs, embeddings, tokenizer, resolution)
+    return Splits(data_dirs, embeddings, _tokenizer(config, models, root, sources), resolution)
+
+
+def prepare_tokenizer(config: Any, models: Any) -> Any:
+    """The tokenizer :func:`prepare_data` gives a run (its base's, else the word tokenizer of
+    its world's captions), without the splits or embeddings (a base pipeline's export)."""
+    if models.tokenizer is not None:
+        return models.tokenizer
+    root = cache_root(config)
+    return _tokenizer(config, models, root, _sources(config, root)[1])
+
+
+def _tokenizer(config: Any, models: Any, root: str, sources: dict[str, str]) -> Any:
+    if models.tokenizer is not None:
+        return models.tokenizer
+    return process_zero_first(lambda: _toy_tokenizer(config, root, sources), "tok")
 
 
 def _embeddings(config: Any, root: str, users_csv: str | None) -> dict[str, np.ndarray]:
@@ -131,6 +150,52 @@ def _embeddings(config: Any, root: str, users_csv: str | None) -> dict[str, np.n
     return embed.load_embeddings(out)
 
 
+def open_tokenizer(path: str | os.PathLike) -> Any:
+    """:func:`~psa_jax.data.tokenizer.load_tokenizer` (a tokenizer folder, or a pipeline folder
+    holding ``tokenizer/``), the same object, but a plain ``tokenizer.json`` tokenizer (class
+    ``PreTrainedTokenizerFast``/``TokenizersBackend``: the toy world's word tokenizer, the tiny
+    base's) is opened with that class directly: ``AutoTokenizer`` first reads a model config, and
+    that import pulls in torch (1-2 s of every ``sample``). Any other folder (CLIP's BPE, a
+    model config or custom code beside it) goes through ``load_tokenizer`` as before."""
+    folder = os.fspath(path)
+    nested = os.path.join(folder, "tokenizer")
+    if os.path.isdir(nested) and not _tokenizer_files(folder):  # the folder load_tokenizer picks
+        folder = nested
+    if _plain_tokenizer(folder):
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(folder, local_files_only=True)
+    return load_tokenizer(path)
+
+
+def _has(folder: str, name: str) -> bool:
+    return os.path.isfile(os.path.join(folder, name))
+
+
+def _tokenizer_files(folder: str) -> bool:
+    return _has(folder, "tokenizer.json") or (
+        _has(folder, "vocab.json") and _has(folder, "merges.txt")
+    )
+
+
+def _plain_tokenizer(folder: str) -> bool:
+    """``tokenizer.json`` whose ``tokenizer_config.json`` names the plain fast class, with no
+    model config or custom code beside it: what ``AutoTokenizer`` opens as that class."""
+    if not (_has(folder, "tokenizer.json") and _has(folder, "tokenizer_config.json")):
+        return False
+    if _has(folder, "config.json"):
+        return False
+    try:
+        with open(os.path.join(folder, "tokenizer_config.json"), encoding="utf-8") as f:
+            cfg = json.load(f)
+    except ValueError:  # load_tokenizer reports a broken file its own way
+        return False
+    from transformers import PreTrainedTokenizerFast
+
+    plain = {"PreTrainedTokenizerFast", PreTrainedTokenizerFast.__name__}  # v5: an alias
+    return isinstance(cfg, dict) and cfg.get("tokenizer_class") in plain and "auto_map" not in cfg
+
+
 def _toy_tokenizer(config: Any, root: str, sources: dict[str, str]) -> Any:
     """Word tokenizer over every caption of the world (train and held-out prompts)."""
     captions = set()
@@ -140,7 +205,7 @@ def _toy_tokenizer(config: Any, root: str, sources: dict[str, str]) -> Any:
     length = int(config.model.text_encoder.max_position_embeddings)
     out = os.path.join(root, "tokenizers", f"words-{_key(sorted(captions), length)}")
     if os.path.isfile(os.path.join(out, "tokenizer.json")):
-        return load_tokenizer(out)
+        return open_tokenizer(out)
     tok = build_word_tokenizer(sorted(captions), max_length=length)
     vocab = int(config.model.text_encoder.vocab_size)
     if len(tok.get_vocab()) > vocab:
@@ -151,7 +216,7 @@ def _toy_tokenizer(config: Any, root: str, sources: dict[str, str]) -> Any:
         os.replace(tmp, out)
     except OSError:
         pass  # another process saved the same tokenizer first
-    return load_tokenizer(out)
+    return open_tokenizer(out)
 
 
 def open_caches(config: Any, models: Any, splits: Splits, split: str, with_vae: bool = True):

@@ -88,23 +88,21 @@ def export_run(workdir: str, fmt: str, out: str, step: int | None = None) -> str
     if fmt == "diffusers-pipeline":
         return export_base_pipeline(workdir, out)
     from psa_jax.models.psa_unet import PSAUNet
-    from psa_jax.train.restore import load_run
+    from psa_jax.train.restore import load_run, load_run_adapter
 
-    run = load_run(workdir, step, data=False)
-    config = run.models.module.config  # a pretrained folder's, else the run's model.unet
-    if fmt == "diffusers-unet":
+    if fmt == "diffusers-unet":  # the UNet alone: no text encoder, VAE, tokenizer or data
+        run = load_run(workdir, step, data=False, unet_only=True)
+        config = run.models.module.config  # a pretrained folder's, else the run's model.unet
         unet = PSAUNet(config, run.unet_params)
         with atomic_folder(out, FOLDER_FILES[fmt]) as tmp:
             unet.save_pretrained(tmp)
         return out
-    if run.adapter is None:
-        raise ExportError(f"{workdir} is not a dpo run: it has no adapter to export as {fmt}")
-    width = run.adapter["user_proj"]["kernel"].shape[1]
+    # An adapter format: the adapter and the base's UNet config; no base weights are read.
+    found = load_run_adapter(workdir, step)
+    config = found.unet_config  # a pretrained folder's, else the run's model.unet
+    width = found.adapter["user_proj"]["kernel"].shape[1]
     unet = PSAUNet(
-        config,
-        run.unet_params,
-        adapter=run.adapter,
-        num_user_tokens=width // config.cross_attention_dim,
+        config, {}, adapter=found.adapter, num_user_tokens=width // config.cross_attention_dim
     )
     if fmt == "psalign":
         with atomic_file(out) as tmp:

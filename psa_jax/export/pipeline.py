@@ -107,27 +107,29 @@ def export_base_pipeline(
     folder; an existing ``out`` is replaced only when it holds nothing but an earlier such
     export (:data:`PIPELINE_FILES`). The run folder, its checkpoint and task, and ``out`` are
     checked before any model is built."""
+    from psa_jax.data.prepare import prepare_tokenizer
     from psa_jax.train.restore import load_run
 
     _, config = require_run(base_workdir)
     check_base_run(base_workdir, config)
     check_folder_out(out, PIPELINE_FILES)
-    run = load_run(base_workdir)
+    run = load_run(base_workdir, data=False)  # of the data, only the tokenizer is needed
     if run.models.vae is None:
         raise ExportError(f"{base_workdir} was trained without a VAE (model.vae_path)")
+    tokenizer = prepare_tokenizer(run.config, run.models)
     recipe = dict(recipe or recipe_of(base_workdir))
     with atomic_folder(out, PIPELINE_FILES) as tmp:
-        _write_pipeline(run, tmp, recipe)
+        _write_pipeline(run, tokenizer, tmp, recipe)
     return out
 
 
-def _write_pipeline(run: Any, tmp: str, recipe: Mapping[str, Any]) -> None:
+def _write_pipeline(run: Any, tokenizer: Any, tmp: str, recipe: Mapping[str, Any]) -> None:
     from psa_jax.models.psa_unet import PSAUNet
 
     PSAUNet(run.models.module.config, run.unet_params).save_pretrained(os.path.join(tmp, "unet"))
     run.models.text_encoder.save_pretrained(os.path.join(tmp, "text_encoder"))
     run.models.vae.save_pretrained(os.path.join(tmp, "vae"))
-    run.splits.tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
+    tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
     noise = dict(run.config.noise)
     sched = {
         **_SCHEDULER,
@@ -137,9 +139,7 @@ def _write_pipeline(run: Any, tmp: str, recipe: Mapping[str, Any]) -> None:
     }
     os.makedirs(os.path.join(tmp, "scheduler"))
     _write_json(os.path.join(tmp, "scheduler", "scheduler_config.json"), sched)
-    _write_json(
-        os.path.join(tmp, "model_index.json"), model_index(type(run.splits.tokenizer).__name__)
-    )
+    _write_json(os.path.join(tmp, "model_index.json"), model_index(type(tokenizer).__name__))
     _write_json(os.path.join(tmp, RECIPE), dict(recipe))
 
 

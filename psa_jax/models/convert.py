@@ -253,11 +253,20 @@ def _read_sharded(index: str) -> dict[str, np.ndarray]:
     return out
 
 
+# safetensors dtypes that numpy holds natively: a file of only these is read without torch
+# (whose import costs a CLI command 1-2 s); the bytes, dtypes and shapes are the same either way.
+_NUMPY_SAFETENSORS = frozenset({"F64", "F32", "F16", "I64", "I32", "I16", "I8", "U8", "BOOL"})
+
+
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
     from safetensors import SafetensorError, safe_open
 
     try:
-        with safe_open(path, framework="pt") as f:
+        with safe_open(path, framework="np") as f:
+            keys = list(f.keys())
+            if all(f.get_slice(k).get_dtype() in _NUMPY_SAFETENSORS for k in keys):
+                return {k: f.get_tensor(k) for k in keys}
+        with safe_open(path, framework="pt") as f:  # bf16, fp8: through torch
             return {k: to_numpy(f.get_tensor(k)) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as err:
         size = os.path.getsize(path)
@@ -313,22 +322,39 @@ def flatten_nested(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def write_safetensors(
     state_dict: Mapping[str, np.ndarray], path: str | os.PathLike, metadata=None
 ) -> None:
-    """Write numpy arrays (bf16 included) as a safetensors file PyTorch can read."""
-    import torch
-    from safetensors.torch import save_file
+    """Write numpy arrays (bf16 included) as a safetensors file PyTorch can read.
 
-    tensors = {}
+    Arrays of numpy's own dtypes are written by ``safetensors.numpy`` (no torch import, the same
+    bytes); a state dict holding bf16 goes through torch."""
+    arrays = {}
     for k, v in state_dict.items():
         # A C-ordered copy when needed: torch refuses read-only views of JAX buffers, and
         # safetensors refuses non-contiguous (e.g. transposed) arrays.
         v = np.asarray(v)
         if not (v.flags.writeable and v.flags.c_contiguous):
             v = np.array(v, order="C")
+        arrays[k] = v
+    if all(v.dtype.name in _NUMPY_WRITE for v in arrays.values()):
+        from safetensors.numpy import save_file as save_numpy
+
+        save_numpy(arrays, os.fspath(path), metadata=metadata)
+        return
+    import torch
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for k, v in arrays.items():
         if v.dtype.name == "bfloat16":
             tensors[k] = torch.from_numpy(v.view(np.int16)).view(torch.bfloat16)
         else:
             tensors[k] = torch.from_numpy(v)
     save_file(tensors, os.fspath(path), metadata=metadata)
+
+
+# numpy dtype names that safetensors.numpy writes under the names safetensors.torch uses.
+_NUMPY_WRITE = frozenset(
+    {"float64", "float32", "float16", "int64", "int32", "int16", "int8", "uint8", "bool"}
+)
 
 
 def find_weights_file(folder: str | os.PathLike, stem: str, variant: str | None = None) -> str:

@@ -22,29 +22,40 @@ from flax.core import meta
 from psa_jax.core import diffusion as noise_lib
 from psa_jax.core.checkpoint import restore_host_params
 from psa_jax.core.errors import PsaJaxError
-from psa_jax.data.tokenizer import load_tokenizer
+from psa_jax.data.prepare import open_tokenizer
+from psa_jax.models import convert
 from psa_jax.models.clip import CLIPTextConfig, FlaxCLIPTextModel, load_text_encoder
 from psa_jax.models.packaged import resolve as resolve_packaged
 from psa_jax.models.psa_unet import init_variables, load_unet, unet_module_from_config
-from psa_jax.models.unet import UNet2DConditionModel
+from psa_jax.models.unet import UNet2DConditionModel, UNetConfig
 from psa_jax.models.vae import AutoencoderKL, FlaxAutoencoderKL, VAEConfig, load_vae
 
 
 @dataclasses.dataclass
 class BaseModels:
-    """The frozen pieces of a run (host arrays) and the UNet module with adapter slots."""
+    """The frozen pieces of a run (host arrays) and the UNet module with adapter slots.
+    ``load_base_models(..., unet_only=True)``: text encoder, VAE and tokenizer None."""
 
     module: UNet2DConditionModel
     unet_params: Any
-    text_encoder: FlaxCLIPTextModel
+    text_encoder: FlaxCLIPTextModel | None
     vae: FlaxAutoencoderKL | None
     tokenizer: Any | None  # None: the toy world's word tokenizer, built with the data
     schedule: noise_lib.NoiseSchedule
     scaling_factor: float
 
 
-def load_base_models(config: Any) -> BaseModels:
-    """Frozen UNet / text encoder / VAE in ``config.model.dtype`` (see module docstring)."""
+def load_base_models(
+    config: Any, *, unet_only: bool = False, unet_params: bool = True
+) -> BaseModels:
+    """Frozen UNet / text encoder / VAE in ``config.model.dtype`` (see module docstring).
+
+    ``unet_only``: the UNet alone (``text_encoder``, ``vae`` and ``tokenizer`` None,
+    ``scaling_factor`` 1.0), for what needs no text or pixels (a UNet export).
+    ``unet_params=False``: the UNet's weights are neither read nor initialised (``unet_params``
+    None, ``module`` as always), for a caller that has its own (a full-UNet ``denoise`` run's
+    checkpoint): a random base UNet costs a compile of its init. Everything else is the same
+    either way."""
     model = config.model
     dtype = model.dtype
     seed = int(model.init_seed)
@@ -57,28 +68,36 @@ def load_base_models(config: Any) -> BaseModels:
                 f"{root} has two text encoders (SDXL): the encoder caches hold one text encoder "
                 "so far; SDXL training needs their concatenation (planned)"
             )
-        unet = load_unet(root, dtype=dtype)
-        text = load_text_encoder(os.path.join(root, "text_encoder"), dtype=dtype)
-        vae = load_vae(root, dtype=dtype)
-        tokenizer = load_tokenizer(root)
-        module = unet_module_from_config(model, dtype, unet.config)
-        params = unet.params
-        scaling = vae.scaling_factor
         sched_file = os.path.join(root, "scheduler", "scheduler_config.json")
         if os.path.isfile(sched_file):
             with open(sched_file, encoding="utf-8") as f:
                 schedule = noise_lib.noise_schedule_from_config(
                     {**json.load(f), **_prediction(config)}
                 )
-        return BaseModels(module, params, text, vae, tokenizer, schedule, scaling)
+        if unet_params:
+            unet = load_unet(root, dtype=dtype)
+            module = unet_module_from_config(model, dtype, unet.config)
+            params = unet.params
+        else:
+            module, params = unet_module_from_config(model, dtype, unet_config(config)), None
+        if unet_only:
+            return BaseModels(module, params, None, None, None, schedule, 1.0)
+        text = load_text_encoder(os.path.join(root, "text_encoder"), dtype=dtype)
+        vae = load_vae(root, dtype=dtype)
+        tokenizer = open_tokenizer(root)
+        return BaseModels(module, params, text, vae, tokenizer, schedule, vae.scaling_factor)
 
     module = unet_module_from_config(model, dtype)
-    if init == "pretrained":
+    params = None
+    if unet_params and init == "pretrained":
         params, _ = restore_host_params(model.base_workdir)
-    else:
+    elif unet_params:
         # Initialised in float32 (then cast): the same weights whatever the compute dtype.
         params = meta.unbox(init_variables(unet_module_from_config(model), seed))["params"]
-    params = jax.tree.map(lambda x: np.asarray(x).astype(dtype), params)
+    if params is not None:
+        params = jax.tree.map(lambda x: np.asarray(x).astype(dtype), params)
+    if unet_only:
+        return BaseModels(module, params, None, None, None, schedule, 1.0)
     text_cfg = CLIPTextConfig.from_hf_config(dict(model.text_encoder))
     text = FlaxCLIPTextModel.init_random(text_cfg, seed=seed + 1, dtype=dtype)
     vae = None
@@ -92,6 +111,17 @@ def load_base_models(config: Any) -> BaseModels:
         vae = FlaxAutoencoderKL(vae_cfg, meta.unbox(vae_params["params"]), dtype)
     scaling = vae.scaling_factor if vae is not None else 1.0
     return BaseModels(module, params, text, vae, None, schedule, scaling)
+
+
+def unet_config(config: Any) -> UNetConfig:
+    """The architecture of a config's UNet, read without building it: a pretrained folder's
+    ``unet/config.json``, else ``model.unet`` (the ``config`` of
+    ``load_base_models(config).module``). What an adapter export needs of the base."""
+    model = config.model
+    if model_init(model) == "pretrained" and model.pretrained:
+        folder = convert.component_folder(resolve_packaged(model.pretrained), "unet")
+        return UNetConfig.from_diffusers_config(convert.read_config(folder))
+    return UNetConfig.from_diffusers_config(dict(model.unet))
 
 
 INITS = ("pretrained", "random")

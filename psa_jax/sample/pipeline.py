@@ -57,8 +57,9 @@ class Pipeline:
     def from_run(cls, workdir: str | os.PathLike, step: int | None = None) -> Pipeline:
         """The models of a training run: a ``dpo`` run's adapter on its base, or the UNet of a
         ``denoise`` run (full fine-tune, or its LoRA merged into the base). The run's profile
-        embedding table comes along as ``embeddings``."""
-        return cls.from_loaded_run(load_run(workdir, step), str(workdir))
+        embedding table comes along as ``embeddings``. The run's TFDS splits are not needed
+        (nor built, nor checked)."""
+        return cls.from_loaded_run(load_run(workdir, step, build_splits=False), str(workdir))
 
     @classmethod
     def from_loaded_run(cls, run: Run, where: str = "the run") -> Pipeline:
@@ -96,7 +97,7 @@ class Pipeline:
         import json
 
         from psa_jax.core.diffusion import noise_schedule_from_config
-        from psa_jax.data.tokenizer import load_tokenizer
+        from psa_jax.data.prepare import open_tokenizer
         from psa_jax.models.clip import load_text_encoder
         from psa_jax.models.psa_unet import load_unet
         from psa_jax.models.vae import load_vae
@@ -115,7 +116,7 @@ class Pipeline:
                 text_encoder_2=load_text_encoder(
                     os.path.join(folder, "text_encoder_2"), dtype=dtype, with_projection=True
                 ),
-                tokenizer_2=load_tokenizer(os.path.join(folder, "tokenizer_2")),
+                tokenizer_2=open_tokenizer(os.path.join(folder, "tokenizer_2")),
                 force_zeros_for_empty_prompt=bool(
                     read_json("model_index.json").get("force_zeros_for_empty_prompt", True)
                 ),
@@ -129,7 +130,7 @@ class Pipeline:
             unet.params,
             unet.adapter,
             load_text_encoder(os.path.join(folder, "text_encoder"), dtype=dtype),
-            load_tokenizer(folder),
+            open_tokenizer(folder),
             vae,
             vae.scaling_factor,
             noise_schedule_from_config(read_json("scheduler", "scheduler_config.json")),
