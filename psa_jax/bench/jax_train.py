@@ -28,7 +28,7 @@ from psa_jax.models.psa_unet import abstract_variables, unet_module_from_config
 from psa_jax.train.optim import make_optimizer
 from psa_jax.train.step import init_state
 from psa_jax.train.tasks import build_task
-from psa_jax.train.trainer import RunState, compile_step
+from psa_jax.train.trainer import RunState, compile_step, state_shardings
 
 
 def base_models(shape: BenchShape, seed: int = 0) -> BaseModels:
@@ -73,14 +73,8 @@ def build_run(shape: BenchShape, models: BaseModels, devices: list | None = None
     setup = build_task(config, models, users)  # users: a "standardized" projection's statistics
     optimizer = make_optimizer(config.optim)
     mesh = parallel.make_mesh(config.mesh, devices)
-    seed, rules = int(config.seed), parallel.logical_rules(config.mesh)
-    boxed = jax.eval_shape(lambda p: init_state(p, optimizer, seed), setup.trainable_boxes)
-    shardings = {
-        "state": parallel.tree_shardings(boxed, mesh, rules),
-        "frozen": parallel.tree_shardings(setup.frozen_boxes, mesh, rules),
-        "batch": parallel.batch_sharding(mesh),
-        "replicated": parallel.replicated(mesh),
-    }
+    seed = int(config.seed)
+    _, shardings = state_shardings(config, setup, optimizer, mesh)
     init = jax.jit(lambda p: init_state(p, optimizer, seed), out_shardings=shardings["state"])
     state = init(parallel.put_tree(setup.trainable, shardings["state"].params))
     frozen = parallel.put_tree(setup.frozen, shardings["frozen"])

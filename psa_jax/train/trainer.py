@@ -136,6 +136,19 @@ def prepare_inputs(config: Any) -> RunInputs:
     return RunInputs(models, splits, loader, batch_size, with_vae)
 
 
+def state_shardings(config: Any, setup: Setup, optimizer: Any, mesh: Any) -> tuple[Any, dict]:
+    """The abstract (boxed) train state and the shardings of state, frozen tree, batch and
+    replicated values, from the modules' logical axes and ``config.mesh``'s rules."""
+    seed, rules = int(config.seed), parallel.logical_rules(config.mesh)
+    boxed = jax.eval_shape(lambda p: init_state(p, optimizer, seed), setup.trainable_boxes)
+    return boxed, {
+        "state": parallel.tree_shardings(boxed, mesh, rules),
+        "frozen": parallel.tree_shardings(setup.frozen_boxes, mesh, rules),
+        "batch": parallel.batch_sharding(mesh),
+        "replicated": parallel.replicated(mesh),
+    }
+
+
 def create_state(
     config: Any,
     inputs: RunInputs,
@@ -159,14 +172,8 @@ def create_state(
         embeds = training_user_embeds(config, inputs.splits, inputs.loader)
     setup = build_task(config, inputs.models, embeds, resuming=resuming)
     optimizer = make_optimizer(config.optim)
-    seed, rules = int(config.seed), parallel.logical_rules(config.mesh)
-    boxed_state = jax.eval_shape(lambda p: init_state(p, optimizer, seed), setup.trainable_boxes)
-    shardings = {
-        "state": parallel.tree_shardings(boxed_state, mesh, rules),
-        "frozen": parallel.tree_shardings(setup.frozen_boxes, mesh, rules),
-        "batch": parallel.batch_sharding(mesh),
-        "replicated": parallel.replicated(mesh),
-    }
+    seed = int(config.seed)
+    boxed_state, shardings = state_shardings(config, setup, optimizer, mesh)
     state_sh = shardings["state"]
     moved: dict[int, str] = {}
     if resuming:
