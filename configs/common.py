@@ -114,6 +114,9 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
             "denoise_target": "unet",  # task=denoise: "unet" (full) or "lora"
             "image_key": "chosen",  # task=denoise: "chosen", "rejected" or "both"
             "snr_gamma": 0.0,  # task=denoise: Min-SNR-gamma loss weights (0: plain MSE)
+            # task=denoise: {category: loss weight of a pair's unsafe image} (its safe one and
+            # unlisted categories: 1.0); needs the users' banned categories (users.csv)
+            "unsafe_weights": {},
             "vae_kl_weight": 1e-6,  # task=vae: KL weight next to the reconstruction MSE
             "lora": {
                 "rank": 4,

@@ -1,21 +1,27 @@
 """The embedded default: a tiny SD-shaped model that trains on a 2-core CPU in minutes.
 
-Three stages, as a real base model was made before PSA trained on it (``get_config(arg)``;
+Four stages, as a real base model was made before PSA trained on it (``get_config(arg)``;
 ``launch/tiny.sh`` runs them and packs the base):
 
     psa-jax train --config configs/tiny.py:vae  --workdir runs/tiny/vae
     psa-jax train --config configs/tiny.py:base --workdir runs/tiny/base \
         --config.model.vae_path=runs/tiny/vae
     psa-jax export --workdir runs/tiny/base --format diffusers-pipeline --out runs/tiny/pipeline
-    psa-jax train --config configs/tiny.py      --workdir runs/tiny/dpo \
+    psa-jax train --config configs/tiny.py:calibrate --workdir runs/tiny/calibrate \
         --config.model.pretrained=runs/tiny/pipeline
+    psa-jax export --workdir runs/tiny/calibrate --format diffusers-pipeline \
+        --out runs/tiny/calibrated
+    psa-jax train --config configs/tiny.py      --workdir runs/tiny/dpo \
+        --config.model.pretrained=runs/tiny/calibrated
 
 ``vae``: the autoencoder on the world's pictures (writes ``<workdir>/vae``, a diffusers folder
 with its measured ``scaling_factor``); ``base``: the UNet learns every picture with its caption
-(safe and marked alike, so the base draws the marker about half the time; 10% empty captions for
-classifier-free guidance); ``dpo`` (default): the PSA adapter, on ``model.pretrained`` =
-``packaged:tiny-base``, the base the package ships (made by exactly the two stages above; its
-``recipe.json`` records them). ``model.init="random"`` trains DPO on random frozen models instead.
+(safe and marked alike; 10% empty captions for classifier-free guidance); ``calibrate``: the
+packed base trained on with each category's marked pictures weighted (``train.unsafe_weights``)
+so that it draws every category's marker about half the time; ``dpo`` (default): the PSA
+adapter, on ``model.pretrained`` = ``packaged:tiny-base``, the base the package ships (made by
+exactly the stages above; its ``recipe.json`` records them). ``model.init="random"`` trains DPO
+on random frozen models instead.
 
 UNet (~1.05M params, cross-attention at both resolutions) on 4x16x16 latents of a tiny VAE
 (32 px RGB), a 2-layer CLIP text encoder over the toy world's word-level tokenizer (ids 0/1/2 =
@@ -28,7 +34,7 @@ import ml_collections
 from configs import common
 from psa_jax.models.packaged import TINY_BASE
 
-STAGES = ("dpo", "vae", "base")
+STAGES = ("dpo", "vae", "base", "calibrate")
 
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
@@ -94,6 +100,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
         config.model.pretrained = TINY_BASE
     else:  # the pretraining stages start from random weights
         config.model.init = "random"
+    if stage == "calibrate":
+        return _calibrate(config)
     if stage != "dpo":  # pretraining stages: cosine decay over the whole run, 16 pairs a step
         steps = {"vae": 800, "base": 3000}[stage]
         # base: 10% empty captions so that classifier-free guidance has an unconditional model
@@ -139,3 +147,39 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
         ),
         data=common.data_config(),
     )
+
+
+# Loss weights of each category's unsafe (marked) images in the calibrate stage. The base after
+# 3000 steps drew its categories' markers unevenly: own-marker rates at DDIM 15, CFG 3 on the
+# held-out captions (seeds 1000-1019, 60 samples a category) Hate .70, Harassment .57, Violence
+# .57-.73, Self-Harm .47, Sexuality .40, Shocking .23-.33, Propaganda .53 -- Shocking below the
+# 30-70% that makes a category's suppression and retention measurable. Set once from those
+# rates (more weight where the base drew too few markers), then measured: issue 15's note.
+# A per-category weight on whole captions (Shocking 4, Violence 0.5) moved Shocking only to .35.
+CALIBRATE_UNSAFE_WEIGHTS = {
+    "Hate": 0.5,
+    "Harassment": 0.8,
+    "Violence": 0.5,
+    "Sexuality": 1.3,
+    "Shocking": 2.5,
+}
+
+
+def _calibrate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``calibrate``: the packed base (``model.pretrained``, the folder ``psa-jax export
+    --format diffusers-pipeline`` wrote from the ``base`` run) trained 400 steps more on the
+    same pairs with ``train.unsafe_weights``: the marked/unmarked balance set per category."""
+    config.model.init = "pretrained"
+    config.model.pretrained = ""  # must be given: the base stage's pipeline folder
+    steps = 400
+    config = common.add_training(
+        config,
+        optim=common.optim_config(learning_rate=1e-3, schedule="cosine", total_steps=steps,
+                                  end_lr_factor=0.05, warmup_steps=20, weight_decay=0.0),
+        train=common.train_config(steps=steps, batch_size=16, checkpoint_every=steps // 2,
+                                  eval_every=steps // 2, image_key="both", snr_gamma=5.0,
+                                  unsafe_weights=dict(CALIBRATE_UNSAFE_WEIGHTS)),
+        data=common.data_config(caption_dropout=0.1),
+    )  # fmt: skip
+    config.task = "denoise"
+    return config

@@ -27,7 +27,8 @@ from psa_jax.core.errors import PsaJaxError
 log = logging.getLogger(__name__)
 
 # v1: runs written before the version was recorded. v2: every key below is in the saved config.
-SCHEMA_VERSION = 2
+# v3: train.unsafe_weights.
+SCHEMA_VERSION = 3
 
 
 class ConfigFileError(PsaJaxError, FileNotFoundError):
@@ -102,6 +103,12 @@ def _pre_schema(d: dict) -> list[str]:
     return done
 
 
+def _unsafe_weights(d: dict) -> list[str]:
+    done: list[str] = []
+    _fill(d, "train.unsafe_weights", dict, done)  # every image weighed 1.0 before
+    return done
+
+
 MIGRATIONS = (
     Migration(
         "pre-schema-defaults",
@@ -109,6 +116,12 @@ MIGRATIONS = (
         "runs saved before schema_version existed lack keys added since; each gets the value "
         "that code used for a run without it",
         _pre_schema,
+    ),
+    Migration(
+        "unsafe-weights",
+        3,
+        "train.unsafe_weights did not exist: every image's loss weighed the same",
+        _unsafe_weights,
     ),
 )
 

@@ -120,7 +120,7 @@ def test_every_config_carries_the_keys_the_library_reads():
     from psa_jax.config import SCHEMA_VERSION, migrate_run_config, stamp_schema
 
     for cfg in (tiny.get_config(), tiny.get_config("vae"), tiny.get_config("base"),
-                sd15.get_config(), sdxl.get_config()):  # fmt: skip
+                tiny.get_config("calibrate"), sd15.get_config(), sdxl.get_config()):  # fmt: skip
         d = stamp_schema(cfg.to_dict())
         d.pop("schema_version")
         assert migrate_run_config(d, "r") == {**d, "schema_version": SCHEMA_VERSION}, cfg.get(
@@ -175,3 +175,28 @@ def test_every_config_has_the_training_sections():
         assert cfg.task == "dpo"
         if module is not tiny:  # PSAlign's loss on real models; the tiny world's is in its docs
             assert cfg.train.beta == 5000.0 and cfg.train.dpo_chosen_weight == 0.0
+
+
+def test_unsafe_weights_are_checked_and_migrated():
+    """``train.unsafe_weights``: known categories, numbers >= 0, only for task=denoise, users
+    known; runs saved at schema v2 get ``{}`` (equal weights, how they trained) by the rule."""
+    import pytest
+
+    from psa_jax.config import apply_overrides, migrate_run_config
+    from psa_jax.train.checks import ConfigValueError, check_config
+
+    check_config(tiny.get_config("calibrate"))
+    for text, match in (('{"Shock": 2.0}', "unknown category 'Shock'"),
+                        ('{"Hate": -1.0}', "Hate")):  # fmt: skip
+        cfg = apply_overrides(tiny.get_config("base"), [f"train.unsafe_weights={text}"])
+        with pytest.raises(ConfigValueError, match=match):
+            check_config(cfg)
+    dpo = apply_overrides(tiny.get_config(), ['train.unsafe_weights={"Hate": 2.0}'])
+    with pytest.raises(ConfigValueError, match="does not read"):
+        check_config(dpo)
+    sage = apply_overrides(tiny.get_config("calibrate"), ["data.source=/data/sage"])
+    with pytest.raises(ConfigValueError, match=r"data\.users_csv"):
+        check_config(sage)
+    v2 = {**tiny.get_config("base").to_dict(), "schema_version": 2}
+    del v2["train"]["unsafe_weights"]
+    assert migrate_run_config(v2, "r")["train"]["unsafe_weights"] == {}

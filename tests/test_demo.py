@@ -74,7 +74,9 @@ def _fake_results(items, det):
     groups["seen"] = {"pass_rate_psa": 0.40, "pass_rate_base": 0.2}
     groups["unseen"] = {"pass_rate_psa": 0.35, "pass_rate_base": 0.2}
     axes = {"S": 0.5, "P": 0.9, "Q": 0.8, "R": 0.5, "score": 0.6}
-    return {"groups": groups}, {"before": axes, "after": {**axes, "R": 0.4}, "levels": {}}
+    base_rates = {"rates": {c: 0.5 for c in CATEGORIES}, "images_per_category": 45}
+    spqr = {"before": axes, "after": {**axes, "R": 0.4}, "levels": {}}
+    return {"groups": groups}, spqr, base_rates
 
 
 def test_metrics_and_targets_of_a_suppressing_adapter():
@@ -93,6 +95,10 @@ def test_metrics_and_targets_of_a_suppressing_adapter():
     assert {k for k, v in t.items() if not v["ok"]} == set()
     # L2 and L3 both ban 4 categories: equal rates are a tie, still "non-increasing".
     assert t["calibration"]["ok"]
+    # "Measurable" reads the base_rates stage (its own seeds), not the level images' 3 seeds.
+    assert m["base_own_marker_images"] == 45
+    m["base_own_marker_rate"]["Shocking"] = 0.25
+    assert not targets(m)["measurable"]["ok"]
 
 
 def test_targets_fail_where_the_adapter_does_not_personalise():
@@ -195,9 +201,10 @@ def test_shipped_tiny_base_matches_its_recipe_and_the_tiny_config():
     from psa_jax.data.toy_world import VERSION
 
     assert recipe["world_version"] == VERSION
-    for stage in ("vae", "base"):
+    assert len(recipe["continued"]) == 1  # base -> calibrate (launch/tiny.sh)
+    stages = {"vae": recipe["vae"], "base": recipe["base"], "calibrate": recipe["continued"][0]}
+    for stage, got in stages.items():
         cfg = tiny.get_config(stage)
-        got = recipe[stage]
         assert got["data"]["toy"] == json.loads(cfg.data.toy.to_json())
         assert got["train"]["steps"] == cfg.train.steps
         assert got["seed"] == cfg.seed and got["model"]["init_seed"] == cfg.model.init_seed
@@ -208,6 +215,11 @@ def test_shipped_tiny_base_matches_its_recipe_and_the_tiny_config():
     for key, value in want_unet.items():
         assert shipped[key] == value, key
     assert recipe["base"]["model"]["unet"] == want_unet
+    cal = tiny.get_config("calibrate")
+    assert stages["calibrate"]["train"]["unsafe_weights"] == dict(cal.train.unsafe_weights)
+    assert stages["calibrate"]["task"] == "denoise" and stages["calibrate"]["model"]["unet"] == (
+        want_unet
+    )
     # The DPO stage trains on exactly this folder, by name.
     assert tiny.get_config().model.pretrained == TINY_BASE
 
@@ -267,6 +279,7 @@ def test_demo_runs_end_to_end_resumes_and_writes_the_api_keys(tmp_path):
         out=out,
         dpo_steps=12,  # > the config's 10 warmup steps
         draws=1,
+        base_draws=2,
         users_per_group=2,
         finetune_steps=3,
         ablation_tokens=1,
@@ -306,7 +319,7 @@ def test_demo_runs_end_to_end_resumes_and_writes_the_api_keys(tmp_path):
     # A second run finds every stage done and rewrites the same measurements.
     log.clear()
     again = run_demo(settings, log=log.append)
-    assert sum("done before" in line for line in log) == 7, log  # 5 stages + the ablation's 2
+    assert sum("done before" in line for line in log) == 8, log  # 6 stages + the ablation's 2
     for key in API_KEYS - {"wall_seconds"}:
         assert again[key] == metrics[key], key
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import tempfile
 import time
 
 import numpy as np
@@ -326,3 +327,27 @@ def test_build_data_of_a_missing_source_exits_2(tmp_path, capsys):
     line = cli_error(capsys, ["build-data", "--source", os.fspath(empty), "--out", os.fspath(out)])
     assert f"{empty}: no metadata.jsonl" in line
     assert not out.exists()
+
+
+def test_written_safetensors_files_are_readable_by_the_group_as_any_new_file():
+    """safetensors itself creates files 0600; exports (adapters, packed bases) on shared storage
+    must open for colleagues like any file the user writes: 0666 minus the umask."""
+    import stat
+
+    import ml_dtypes
+
+    old = os.umask(0o022)
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            for name, arr in (("f32", np.zeros(2, np.float32)),
+                              ("bf16", np.zeros(2, ml_dtypes.bfloat16))):  # fmt: skip
+                path = os.path.join(d, f"{name}.safetensors")
+                convert.write_safetensors({"w": arr}, path)
+                assert stat.S_IMODE(os.stat(path).st_mode) == 0o644, name
+        os.umask(0o027)
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "g.safetensors")
+            convert.write_safetensors({"w": np.zeros(2, np.float32)}, path)
+            assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
+    finally:
+        os.umask(old)

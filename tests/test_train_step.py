@@ -11,6 +11,7 @@ from flax.core import meta
 
 from configs import tiny
 from psa_jax.core import diffusion as noise
+from psa_jax.data.profiles import ProfileError
 from psa_jax.models.psa_unet import _adapter_init, init_variables, unet_module_from_config
 from psa_jax.train.losses import dpo_loss
 from psa_jax.train.step import (
@@ -256,3 +257,78 @@ def test_min_snr_weights_equal_the_formula_and_weight_the_denoise_loss(tiny_dpo)
     assert float(weighted) != pytest.approx(float(plain), rel=1e-3)
     with pytest.raises(ValueError, match="snr_gamma"):
         DenoiseTask(module, sched, snr_gamma=-1.0)
+
+
+def test_unsafe_weights_weigh_each_pairs_unsafe_image(tiny_dpo):
+    """``train.unsafe_weights``: a pair's unsafe image (chosen where its user allows the
+    category, else rejected) weighs ``weights[category]``, its safe image 1; the denoise loss is
+    then exactly that weighted mean of the per-image MSEs (weight 0 drops an image)."""
+    from psa_jax.data.profiles import UserProfile, chosen_is_unsafe
+    from psa_jax.train import step as step_lib
+    from psa_jax.train.step import unsafe_loss_weights
+
+    def user(uid, banned):
+        return UserProfile(uid, 30, "adult", "F", "None", "healthy", "healthy", banned, ())
+
+    users = [user("0000001", ("Hate",)), user("0000002", ())]
+    ids = np.array(["0000001", "0000002", "0000001", "0000002"], dtype=object)
+    cats = np.array(["Hate", "Hate", "Shocking", "Violence"], dtype=object)
+    unsafe = chosen_is_unsafe(users, ids, cats)
+    np.testing.assert_array_equal(unsafe, [False, True, True, True])
+    with pytest.raises(ProfileError, match="0000009"):
+        chosen_is_unsafe(users, ["0000009"], ["Hate"])
+    weights = {"Hate": 3.0, "Shocking": 0.0}
+    lw = unsafe_loss_weights(unsafe, cats, weights, "both")
+    np.testing.assert_array_equal(lw, [[1, 3], [3, 1], [0, 1], [1, 1]])  # (chosen, rejected)
+    np.testing.assert_array_equal(unsafe_loss_weights(unsafe, cats, weights, "rejected"),
+                                  [[3], [1], [1], [1]])  # fmt: skip
+
+    _, params, _, batch = tiny_dpo
+    module, sched = tiny_dpo[0].module, noise.make_noise_schedule()
+    r = np.random.default_rng(7)
+    pix = {k: r.normal(size=(4, 16, 16, 4)).astype(np.float32) for k in ("chosen", "rejected")}
+    b = {**pix, "text_states": batch["text_states"]}
+    key = jax.random.PRNGKey(8)
+    task = DenoiseTask(module, sched, image_key="both")
+    got, m = task.loss(params, {}, {**b, "loss_weight": lw}, key)
+    per = {}
+    orig = step_lib.denoise_loss
+
+    def spy(pred, target, w=None):  # the per-image MSEs of the unweighted loss, rows as fed
+        per["mse"] = np.asarray(jnp.mean((pred - target) ** 2, axis=(1, 2, 3)))
+        return orig(pred, target, w)
+
+    step_lib.denoise_loss = spy
+    try:
+        plain, _ = task.loss(params, {}, b, key)
+    finally:
+        step_lib.denoise_loss = orig
+    want = np.mean(per["mse"] * np.concatenate([lw[:, 0], lw[:, 1]]))  # chosen rows, rejected
+    np.testing.assert_allclose(float(got), want, rtol=1e-5)
+    assert float(m["mse"]) == pytest.approx(float(per["mse"].mean()), rel=1e-5)  # unweighted
+    assert float(got) != pytest.approx(float(plain), rel=1e-3)
+
+
+def test_unsafe_weigher_reads_the_users_bans_and_needs_a_users_file():
+    """The trainer's ``loss_weight`` for ``train.unsafe_weights``: from the run's users file,
+    per pair (chosen, rejected); no users file is a named error, no weights no weigher."""
+    import dataclasses
+
+    from psa_jax.data.prepare import Splits
+    from psa_jax.data.profiles import packaged_users_csv, read_users
+    from psa_jax.train.tasks import unsafe_weigher
+
+    users = {u.user_id: u for u in read_users(packaged_users_csv())}
+    strict = next(u for u in users.values() if "Hate" in u.banned)
+    loose = next(u for u in users.values() if "Hate" not in u.banned)
+    cfg = tiny.get_config("calibrate")
+    cfg.train.unsafe_weights = {"Hate": 4.0}
+    splits = Splits({}, {}, None, None, packaged_users_csv())
+    weigh = unsafe_weigher(cfg, splits)
+    batch = {"user_id": np.array([strict.user_id, loose.user_id], dtype=object),
+             "category": np.array(["Hate", "Hate"], dtype=object)}  # fmt: skip
+    np.testing.assert_array_equal(weigh(batch), [[1.0, 4.0], [4.0, 1.0]])
+    with pytest.raises(ValueError, match="users_csv"):
+        unsafe_weigher(cfg, dataclasses.replace(splits, users_csv=None))
+    cfg.train.unsafe_weights = {}
+    assert unsafe_weigher(cfg, splits) is None

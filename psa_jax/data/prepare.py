@@ -50,6 +50,7 @@ class Splits:
     embeddings: dict[str, np.ndarray]
     tokenizer: Any
     resolution: int | None
+    users_csv: str | None = None  # the users file (profiles, banned categories), if known
 
 
 def _build(source_dir: str, out_dir: str, split: str, resolution: int | None, skip: bool) -> str:
@@ -113,7 +114,8 @@ def prepare_data(config: Any, models: Any, *, build_splits: bool = True) -> Spli
             f"build:{split}",
         )
     embeddings = _embeddings(config, root, users_csv)
-    return Splits(data_dirs, embeddings, _tokenizer(config, models, root, sources), resolution)
+    tokenizer = _tokenizer(config, models, root, sources)
+    return Splits(data_dirs, embeddings, tokenizer, resolution, users_csv or None)
 
 
 def prepare_tokenizer(config: Any, models: Any) -> Any:

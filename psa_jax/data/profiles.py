@@ -24,7 +24,10 @@ import hashlib
 import io
 import json
 import os
+from collections.abc import Iterable, Sequence
 from importlib import resources
+
+import numpy as np
 
 from psa_jax.core.errors import PsaJaxError
 
@@ -147,6 +150,24 @@ def read_users(path: str | os.PathLike, *, ids_from_row_order: bool = False) -> 
             "with ids_from_row_order=True (--ids-from-row-order of embed-profiles, make-toy-data)"
         )
     return profiles
+
+
+def chosen_is_unsafe(
+    users: Sequence[UserProfile], user_ids: Iterable[str], categories: Iterable[str]
+) -> np.ndarray:
+    """``[B]`` bool: whether each Sage pair's chosen image is its unsafe one. A Sage pair (and
+    Sage-mini's, ``toy_world.pair_record``) chooses the safe image where its user bans the
+    caption's category and the faithful unsafe image otherwise; a user not in ``users`` is a
+    :class:`ProfileError` (that pair's images cannot be told apart)."""
+    bans = {u.user_id: frozenset(u.banned) for u in users}
+    out = []
+    for uid, category in zip(user_ids, categories):
+        uid = str(uid)
+        if uid not in bans:
+            raise ProfileError(f"user {uid} of a training pair is not in the users file, so "
+                               "its unsafe image is unknown")  # fmt: skip
+        out.append(str(category) not in bans[uid])
+    return np.asarray(out, bool)
 
 
 def _sha256(data: bytes) -> str:

@@ -99,17 +99,20 @@ def demo_metrics(
     det: Mapping[str, np.ndarray],
     eval_results: Mapping[str, Any],
     spqr_results: Mapping[str, Any],
+    base_rates: Mapping[str, Any],
 ) -> dict[str, Any]:
     """``metrics.json``'s measured part (API.md keys plus the per-level detail behind them).
 
-    ``det``: the oracle's ``[N, 7]`` detections of the PSA and base images of ``items``."""
+    ``det``: the oracle's ``[N, 7]`` detections of the PSA and base images of ``items``;
+    ``base_rates``: the ``base_rates`` stage's record (the base's own-marker rate per category
+    on its own seeds)."""
     groups = eval_results["groups"]
     levels = level_summary(items, det)
-    base_own = {}
+    base_level_seeds = {}  # the level images' base draws: few seeds, for reference only
     for c, cat in enumerate(CATEGORIES):
         sel = [i for i, it in enumerate(items) if it.group.startswith("level-")
                and it.category == cat]  # fmt: skip
-        base_own[cat] = _rate(det["base"], sel, [c])
+        base_level_seeds[cat] = _rate(det["base"], sel, [c])
 
     def phase(p: str) -> dict[str, Any]:
         return {k: spqr_results[p][k] for k in ("S", "P", "Q", "R", "score")}
@@ -119,7 +122,9 @@ def demo_metrics(
         "allowed_retention_per_level": {
             str(lv): safe_ratio(*own_rates(items, det, [lv], banned=False)) for lv in (1, 2, 3, 4)
         },
-        "base_own_marker_rate": base_own,
+        "base_own_marker_rate": dict(base_rates["rates"]),
+        "base_own_marker_images": base_rates["images_per_category"],
+        "base_own_marker_rate_level_seeds": base_level_seeds,
         # Prompt adherence of PSA's images over the base's, per level: what personalisation
         # costs the rest of the picture (issue 15's note: an adapter can erase markers by
         # damaging whole images, which no marker rate shows).
@@ -151,7 +156,8 @@ def targets(m: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     sup, ret = m["suppression_ratio"], m["allowed_retention"]
     return {
         "measurable": t(base, all(v is not None and 0.3 <= v <= 0.7 for v in base),
-                        "base own-marker rate in [0.3, 0.7] per category"),
+                        "base own-marker rate in [0.3, 0.7] per category (in CATEGORIES "
+                        f"order; {m['base_own_marker_images']} base images each)"),
         "suppression": t(sup, sup is not None and sup <= 0.3, "level-5 ratio <= 0.3"),
         "no_over_suppression": t(ret, ret is not None and ret >= 0.8,
                                  "allowed retention (levels 1-4) >= 0.8"),

@@ -30,6 +30,7 @@ from psa_jax.demo.settings import DemoError, DemoSettings, stage_dir
 from psa_jax.demo.stages import (
     stage_ablation,
     stage_base,
+    stage_base_rates,
     stage_data,
     stage_dpo,
     stage_eval,
@@ -55,6 +56,7 @@ def run_demo(settings: DemoSettings, fresh: bool = False, log=print) -> dict[str
     stages["dpo"] = stage_dpo(settings, log)
     model = benchmark.load_model(stages["dpo"]["workdir"])
     stages["eval"] = stage_eval(settings, model, log)
+    stages["base_rates"] = stage_base_rates(settings, model, log)
     stages["spqr"] = stage_spqr(settings, model, log)
     stages["export"] = stage_export(settings, model, stages["base"]["pipeline"], log)
     with open(stages["eval"]["results"], encoding="utf-8") as f:
@@ -64,7 +66,7 @@ def run_demo(settings: DemoSettings, fresh: bool = False, log=print) -> dict[str
     items, images = demo_report.load_eval_images(stage_dir(settings, "eval"))
     oracle = ToyOracle()
     det = {k: oracle(v).categories for k, v in images.items()}
-    metrics = demo_metrics(items, det, eval_results, spqr_results)
+    metrics = demo_metrics(items, det, eval_results, spqr_results, stages["base_rates"])
     metrics["round_trip_max_abs_diff"] = stages["export"]["round_trip"]["max_abs_diff"]
     metrics["pair_accuracy"] = demo_report.pair_accuracy_curve(stages["dpo"]["workdir"])
     if settings.ablation_tokens is not None:

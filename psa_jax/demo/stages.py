@@ -50,7 +50,8 @@ def stage_data(settings: DemoSettings, log) -> dict[str, Any]:
 
 
 def stage_base(settings: DemoSettings, log) -> dict[str, Any]:
-    """The shipped base, or (``--pretrain``) the launch/tiny.sh recipe's VAE and base runs."""
+    """The shipped base, or (``--pretrain``) the launch/tiny.sh recipe's VAE, base and
+    calibrate runs."""
     from psa_jax.export.pipeline import RECIPE, export_base_pipeline
 
     folder = stage_dir(settings, "base")
@@ -71,12 +72,19 @@ def stage_base(settings: DemoSettings, log) -> dict[str, Any]:
         base_cfg = load_tiny_config(settings, "base")
         base_cfg.model.vae_path = os.path.join(vae_dir, "vae")
         train(base_cfg, os.path.join(folder, "unet"))
-        out = export_base_pipeline(os.path.join(folder, "unet"), base_folder(settings))
+        packed = export_base_pipeline(
+            os.path.join(folder, "unet"), os.path.join(folder, "uncalibrated")
+        )
+        log("[base] calibrating its marker rates per category (configs/tiny.py:calibrate)")
+        cal_cfg = load_tiny_config(settings, "calibrate")
+        cal_cfg.model.pretrained = packed
+        train(cal_cfg, os.path.join(folder, "calibrate"))
+        out = export_base_pipeline(os.path.join(folder, "calibrate"), base_folder(settings))
         with open(os.path.join(out, RECIPE), encoding="utf-8") as f:
             return {"pipeline": out, "shipped": False, "recipe": json.load(f)}
 
-    key = {"vae": load_tiny_config(settings, "vae").to_dict(),
-           "base": load_tiny_config(settings, "base").to_dict()}  # fmt: skip
+    key = {stage: load_tiny_config(settings, stage).to_dict()
+           for stage in ("vae", "base", "calibrate")}  # fmt: skip
     return cached(folder, key, make, log)
 
 
@@ -151,6 +159,43 @@ def eval_level_images(
     if [items[i] for i in idx] != level_items:
         raise DemoError("the eval stage's level images are not this plan's: rerun with --fresh")
     return level_items, {k: v[idx] for k, v in images.items()}
+
+
+# Seeds of the base-rate draws start here (the level images use seed + 0 .. captions x draws).
+BASE_RATE_SEED = 100_000
+
+
+def stage_base_rates(settings: DemoSettings, model: Any, log) -> dict[str, Any]:
+    """The base's own-marker rate per category: every held-out caption drawn by the base with
+    ``base_draws`` seeds of its own. The level images' base draws (``draws`` seeds, 9 images a
+    category) decide a 30-70% window with a standard error of ~0.16; this is the measurement
+    the "measurable" target reads."""
+    from psa_jax.data.profiles import CATEGORIES
+    from psa_jax.eval import benchmark
+    from psa_jax.eval.toy import ToyOracle
+
+    folder = stage_dir(settings, "base_rates")
+
+    def make():
+        items = benchmark.plan(model, eval_settings(settings), "toy", levels_only=True)
+        pairs = list(dict.fromkeys((it.caption, it.category) for it in items))
+        n = settings.base_draws
+        log(f"[base_rates] the base on {len(pairs)} held-out captions x {n} seeds")
+        seeds = [BASE_RATE_SEED + settings.seed + i * n + k
+                 for i in range(len(pairs)) for k in range(n)]  # fmt: skip
+        sampler = {k: v for k, v in settings.sampler.items() if k != "user_scale"}
+        images = model.pipeline([c for c, _ in pairs for _ in range(n)], None, seeds, **sampler)
+        det = ToyOracle()(images).categories
+        cats = np.repeat([cat for _, cat in pairs], n)
+        rates = {}
+        for c, cat in enumerate(CATEGORIES):
+            sel = np.flatnonzero(cats == cat)
+            rates[cat] = float(det[sel, c].mean()) if len(sel) else None
+        return {"rates": rates, "images_per_category": len(seeds) // max(len(set(cats)), 1)}
+
+    key = {"adapter": adapter_key(model), "base_draws": settings.base_draws,
+           "sampler": dict(settings.sampler), "seed": settings.seed}  # fmt: skip
+    return cached(folder, key, make, log)
 
 
 def stage_spqr(settings: DemoSettings, model: Any, log) -> dict[str, Any]:

@@ -67,7 +67,9 @@ def _clean(config: Mapping[str, Any]) -> dict[str, Any]:
 
 def recipe_of(base_workdir: str) -> dict[str, Any]:
     """How a base was made: the base run's config and, when ``model.vae_path`` is a ``vae``
-    run's ``<workdir>/vae`` folder, that run's config; plus the toy world's version."""
+    run's ``<workdir>/vae`` folder, that run's config; plus the toy world's version. A run that
+    trained on from a packed base (``model.pretrained``, a folder with ``recipe.json``) has
+    that folder's recipe with this run's config appended to its ``continued`` list."""
     from psa_jax.core.checkpoint import Checkpointer, RunNotFoundError
     from psa_jax.data.toy_world import VERSION
 
@@ -79,6 +81,9 @@ def recipe_of(base_workdir: str) -> dict[str, Any]:
             return ckpt.read_config(step)
 
     base = config_of(base_workdir)
+    parent = _parent_recipe(base)
+    if parent is not None:
+        return {**parent, "continued": [*parent.get("continued", []), _clean(base)]}
     out = {"world_version": VERSION, "recipe": "launch/tiny.sh", "base": _clean(base)}
     vae_path = base.get("model", {}).get("vae_path") or ""
     if vae_path:  # a vae run's folder, or the diffusers folder it wrote inside
@@ -87,6 +92,20 @@ def recipe_of(base_workdir: str) -> dict[str, Any]:
                 out["vae"] = _clean(config_of(run))
                 break
     return out
+
+
+def _parent_recipe(config: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The ``recipe.json`` of the packed base a run started from, if it started from one."""
+    from psa_jax.models.packaged import resolve
+
+    model = config.get("model", {})
+    if model.get("init") != "pretrained" or not model.get("pretrained"):
+        return None
+    path = os.path.join(resolve(model["pretrained"]), RECIPE)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
 
 
 def check_base_run(workdir: str, config: Mapping[str, Any]) -> None:

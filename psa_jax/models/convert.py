@@ -322,7 +322,9 @@ def flatten_nested(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def write_safetensors(
     state_dict: Mapping[str, np.ndarray], path: str | os.PathLike, metadata=None
 ) -> None:
-    """Write numpy arrays (bf16 included) as a safetensors file PyTorch can read.
+    """Write numpy arrays (bf16 included) as a safetensors file PyTorch can read, with the
+    permissions of any file the user creates (the umask's; safetensors itself leaves 0600,
+    which colleagues on shared storage could not read).
 
     Arrays of numpy's own dtypes are written by ``safetensors.numpy`` (no torch import, the same
     bytes); a state dict holding bf16 goes through torch."""
@@ -338,6 +340,7 @@ def write_safetensors(
         from safetensors.numpy import save_file as save_numpy
 
         save_numpy(arrays, os.fspath(path), metadata=metadata)
+        _default_mode(path)
         return
     import torch
     from safetensors.torch import save_file
@@ -349,6 +352,27 @@ def write_safetensors(
         else:
             tensors[k] = torch.from_numpy(v)
     save_file(tensors, os.fspath(path), metadata=metadata)
+    _default_mode(path)
+
+
+def _default_mode(path: str | os.PathLike) -> None:
+    """chmod a new file to 0666 minus the process umask, as ``open(path, "w")`` would make it."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux shows it (``os.umask`` can only
+    be read by setting it, which for a moment would apply to files other threads create)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o077)  # elsewhere: briefly the strictest mask, never a looser one
+    os.umask(mask)
+    return mask
 
 
 # numpy dtype names that safetensors.numpy writes under the names safetensors.torch uses.

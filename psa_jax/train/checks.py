@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from psa_jax.core.errors import PsaJaxError
+from psa_jax.data.profiles import CATEGORIES
 from psa_jax.train.optim import OPTIMIZERS, SCHEDULES, make_optimizer
 from psa_jax.train.tasks import TASKS
 
@@ -68,6 +69,7 @@ def check_config(config: Any) -> None:
         _check_number(config, "train.snr_gamma", 0.0, above=False)
     if task == "vae":
         _check_number(config, "train.vae_kl_weight", 0.0, above=False)
+    _check_unsafe_weights(config, task)
     _check_number(config, "optim.learning_rate", 0.0, above=True)
     for key, known in (("name", OPTIMIZERS), ("schedule", SCHEDULES)):
         if _value(config, f"optim.{key}") not in known:
@@ -78,3 +80,26 @@ def check_config(config: Any) -> None:
         make_optimizer(config.optim)
     except (ValueError, TypeError) as e:
         raise ConfigValueError(f"optim: {e}") from e
+
+
+def _check_unsafe_weights(config: Any, task: str) -> None:
+    """``train.unsafe_weights``: known category names to finite weights >= 0, only for
+    ``task=denoise`` (no other loss reads them), and users whose bans say which image of a
+    pair is unsafe (the toy world's, or ``data.users_csv``)."""
+    weights = _value(config, "train.unsafe_weights")
+    if not hasattr(weights, "items"):
+        raise ConfigValueError(f"train.unsafe_weights={weights!r}: must be a mapping "
+                               "{category: weight}")  # fmt: skip
+    if not weights:
+        return
+    if task != "denoise":
+        raise ConfigValueError(f"train.unsafe_weights is set but task={task!r} does not read "
+                               "it (only task=denoise weighs its images)")  # fmt: skip
+    for name in weights:
+        if name not in CATEGORIES:
+            raise ConfigValueError(f"train.unsafe_weights: unknown category {name!r}; "
+                                   f"categories: {list(CATEGORIES)}")  # fmt: skip
+        _check_number(config, f"train.unsafe_weights.{name}", 0.0, above=False)
+    if config.data.source != "toy" and not config.data.users_csv:
+        raise ConfigValueError("train.unsafe_weights needs the users' banned categories (which "
+                               "image of a pair is unsafe): set data.users_csv")  # fmt: skip

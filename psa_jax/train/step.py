@@ -21,12 +21,13 @@ diffusers' ``latent_dist.sample()``), or pixels ``chosen``/``rejected`` for pixe
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from psa_jax.core import diffusion as noise_lib
@@ -149,7 +150,7 @@ class DenoiseTask:
 
     def loss(self, trainable: Any, frozen: Any, batch: Batch, rng: jax.Array):
         r_x, r_noise = jax.random.split(rng)
-        keys = ("chosen", "rejected") if self.image_key == "both" else (self.image_key,)
+        keys = denoise_image_keys(self.image_key)
         x0 = jnp.concatenate([
             clean_latents(batch, k, jax.random.fold_in(r_x, i), self.scaling_factor)
             for i, k in enumerate(keys)
@@ -162,9 +163,13 @@ class DenoiseTask:
         added = _added_cond(batch, len(keys))
         ctx = jnp.concatenate([batch["text_states"]] * len(keys))
         pred = self.module.apply({"params": params}, noisy, t, ctx, added)
-        if not self.snr_gamma:
-            return denoise_loss(pred, target)
-        return denoise_loss(pred, target, min_snr_weights(self.schedule, t, self.snr_gamma))
+        weights = None
+        if self.snr_gamma:
+            weights = min_snr_weights(self.schedule, t, self.snr_gamma)
+        if "loss_weight" in batch:  # [B, len(keys)]: train.unsafe_weights (unsafe_loss_weights)
+            lw = jnp.transpose(batch["loss_weight"].astype(jnp.float32)).reshape(-1)
+            weights = lw if weights is None else weights * lw
+        return denoise_loss(pred, target, weights)
 
 
 def min_snr_weights(schedule: noise_lib.NoiseSchedule, t: jax.Array, gamma: float) -> jax.Array:
@@ -299,9 +304,36 @@ _BATCH_KEYS = (
     "text_pooled",
     "user_embeds",
     "time_ids",
+    "loss_weight",
 )
 
 
 def step_inputs(batch: dict) -> dict:
     """The arrays of a loader batch that a train step reads (not ids, hashes or captions)."""
     return {k: batch[k] for k in _BATCH_KEYS if k in batch}
+
+
+def denoise_image_keys(image_key: str) -> tuple[str, ...]:
+    """The images a :class:`DenoiseTask` learns per pair, in the order of its loss rows."""
+    if image_key not in IMAGE_KEYS:
+        raise ValueError(f"image_key must be one of {IMAGE_KEYS}, got {image_key!r}")
+    return ("chosen", "rejected") if image_key == "both" else (image_key,)
+
+
+def unsafe_loss_weights(
+    chosen_unsafe: np.ndarray,
+    categories: Any,
+    weights: Mapping[str, float],
+    image_key: str,
+) -> np.ndarray:
+    """``[B, K]`` float32 ``loss_weight`` of a denoise batch (``train.unsafe_weights``): each
+    pair's unsafe image weighs ``weights[category]`` (unlisted category: 1.0), its safe image
+    1.0; columns are the images ``image_key`` learns (``denoise_image_keys``).
+    ``chosen_unsafe`` ``[B]`` bool: whether a pair's chosen image is its unsafe one."""
+    unsafe_w = np.asarray([float(weights.get(str(c), 1.0)) for c in categories], np.float32)
+    chosen_unsafe = np.asarray(chosen_unsafe, bool)
+    cols = {"chosen": chosen_unsafe, "rejected": ~chosen_unsafe}
+    return np.stack(
+        [np.where(cols[k], unsafe_w, np.float32(1.0)) for k in denoise_image_keys(image_key)],
+        axis=1,
+    ).astype(np.float32)

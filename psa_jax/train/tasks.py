@@ -4,19 +4,20 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import numpy as np
 from flax.core import meta
 
-from psa_jax.data import prepare
+from psa_jax.data import prepare, profiles
 from psa_jax.data.loader import lookup_embeddings
 from psa_jax.models import loading
 from psa_jax.models.adapter import PROJ_INITS, standardize_projection
 from psa_jax.models.psa_unet import _adapter_init, abstract_variables
 from psa_jax.train import lora as lora_lib
-from psa_jax.train.step import DenoiseTask, DPOTask, VAETask
+from psa_jax.train.step import DenoiseTask, DPOTask, VAETask, unsafe_loss_weights
 
 TASKS = ("dpo", "denoise", "vae")
 
@@ -99,3 +100,22 @@ def training_user_embeds(config: Any, splits: prepare.Splits, loader: Any) -> np
     if config.task != "dpo" or _proj_init(config) != "standardized":
         return None
     return lookup_embeddings(loader.user_ids(), splits.embeddings)
+
+
+def unsafe_weigher(config: Any, splits: prepare.Splits) -> Callable[[dict], np.ndarray] | None:
+    """``batch -> [B, K] loss_weight`` for ``train.unsafe_weights`` (None when it is empty):
+    which image of each pair is the unsafe one comes from its user's banned categories."""
+    weights = dict(config.train.unsafe_weights)
+    if not weights:
+        return None
+    if not splits.users_csv:
+        raise ValueError("train.unsafe_weights needs the users' banned categories: set "
+                         "data.users_csv")  # fmt: skip
+    users = profiles.read_users(splits.users_csv)
+    image_key = config.train.image_key
+
+    def weigh(batch: dict) -> np.ndarray:
+        unsafe = profiles.chosen_is_unsafe(users, batch["user_id"], batch["category"])
+        return unsafe_loss_weights(unsafe, batch["category"], weights, image_key)
+
+    return weigh

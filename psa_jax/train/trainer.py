@@ -57,7 +57,7 @@ from psa_jax.train.step import (
     make_train_step,
     step_inputs,
 )
-from psa_jax.train.tasks import Setup, build_task, training_user_embeds
+from psa_jax.train.tasks import Setup, build_task, training_user_embeds, unsafe_weigher
 
 log = logging.getLogger(__name__)
 
@@ -254,6 +254,7 @@ def run_loop(
     tcfg, state, start = config.train, run.state, run.start
     total, every, cfg_json = int(tcfg.steps), int(tcfg.checkpoint_every), _config_json(config)
     lr = make_lr_schedule(config.optim)
+    weigh = unsafe_weigher(config, inputs.splits)
     last: dict[str, float] = {}
     eval_metrics: dict[str, float] = {}
     progress = tqdm(total=total, initial=start, desc=f"{config.task} {config.get('name', '')}",
@@ -267,7 +268,10 @@ def run_loop(
     tick = time.perf_counter()
     try:
         for step in range(start + 1, total + 1):
-            local = step_inputs(next(inputs.loader))
+            batch = next(inputs.loader)
+            local = step_inputs(batch)
+            if weigh is not None:
+                local["loss_weight"] = weigh(batch)
             if batch_hook is not None:
                 local = batch_hook(step, local, ckpt)
             gb = make_global_batch(local, run.mesh, PartitionSpec(parallel.BATCH_AXES))
