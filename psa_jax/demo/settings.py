@@ -27,7 +27,7 @@ class DemoSettings:
     config: str = CONFIG_FILE  # the tiny config (path[:stage] is added per stage)
     dpo_steps: int | None = None  # None: the config's train.steps
     draws: int = 3  # seeds per held-out caption for each level user
-    base_draws: int = 15  # seeds per held-out caption for the base's own-marker rates
+    base_draws: int = 10  # seeds per held-out caption for the base's own-marker rates
     users_per_group: int = 5  # seen / unseen users, each over their own prompt rows
     sampler: Mapping[str, Any] = dataclasses.field(
         default_factory=lambda: {
