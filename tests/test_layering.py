@@ -20,7 +20,7 @@ LAYERS = (
     ("sample",),
     ("eval",),
     ("export",),
-    ("demo", "bench"),
+    ("demo", "bench", "sweep"),
     ("cli",),
 )
 RANK = {stage: i for i, row in enumerate(LAYERS) for stage in row}

@@ -34,9 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--seed", type=int, default=0)
     info.set_defaults(func=_info)
     # Each subcommand's module imports its stage only when the parser is built.
-    from psa_jax.cli import bench, data, demo, eval, export, sample, train
+    from psa_jax.cli import bench, data, demo, eval, export, sample, sweep, train
 
-    for module in (data, train, sample, eval, export, demo, bench):
+    for module in (data, train, sample, eval, export, demo, bench, sweep):
         module.register(sub)
     return parser
 
