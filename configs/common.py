@@ -78,7 +78,9 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
             # content (Sage-mini: the marker); "independent": each image on its own, as
             # PSAlign's SageDataset transforms them.
             "flip_pair": "joint",
-            "caption_dropout": 0.0,
+            # share of captions replaced by "" (PSAlign's --proportion_empty_prompts, 0.2), so
+            # classifier-free guidance keeps an unconditional model
+            "caption_dropout": 0.2,
             "num_threads": 2,
             "toy": dataclasses.asdict(ToyWorldConfig()),  # the generated world's size
         }
@@ -114,8 +116,8 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
             "denoise_target": "unet",  # task=denoise: "unet" (full) or "lora"
             "image_key": "chosen",  # task=denoise: "chosen", "rejected" or "both"
             "snr_gamma": 0.0,  # task=denoise: Min-SNR-gamma loss weights (0: plain MSE)
-            # task=denoise: {category: loss weight of a pair's unsafe image} (its safe one and
-            # unlisted categories: 1.0); needs the users' banned categories (users.csv)
+            # task=denoise on Sage-mini: {category: loss weight of a pair's unsafe image} (its
+            # safe one and unlisted categories: 1.0)
             "unsafe_weights": {},
             "vae_kl_weight": 1e-6,  # task=vae: KL weight next to the reconstruction MSE
             "lora": {
@@ -140,9 +142,11 @@ def add_training(
 ) -> ml_collections.ConfigDict:
     """The sections every trainable config has besides ``model.unet``/``model.adapter``."""
     model = config.model
+    # init_adapter (task=dpo): "" = a fresh adapter (model.adapter.proj_init); else an adapter
+    # file (PSAlign, diffusers IP-Adapter) or a dpo run folder to start from.
     for key, value in (("dtype", dtype), ("init_seed", 0), ("pretrained", ""),
                        ("base_workdir", ""), ("vae_path", ""), ("remat_policy", "none"),
-                       ("text_layer", text_layer)):  # fmt: skip
+                       ("text_layer", text_layer), ("init_adapter", "")):  # fmt: skip
         if key not in model:
             model[key] = value
     config.task = "dpo"

@@ -27,8 +27,8 @@ from psa_jax.core.errors import PsaJaxError
 log = logging.getLogger(__name__)
 
 # v1: runs written before the version was recorded. v2: every key below is in the saved config.
-# v3: train.unsafe_weights.
-SCHEMA_VERSION = 3
+# v3: train.unsafe_weights. v4: model.init_adapter.
+SCHEMA_VERSION = 4
 
 
 class ConfigFileError(PsaJaxError, FileNotFoundError):
@@ -109,6 +109,12 @@ def _unsafe_weights(d: dict) -> list[str]:
     return done
 
 
+def _init_adapter(d: dict) -> list[str]:
+    done: list[str] = []
+    _fill(d, "model.init_adapter", "", done)  # adapters started fresh before
+    return done
+
+
 MIGRATIONS = (
     Migration(
         "pre-schema-defaults",
@@ -122,6 +128,12 @@ MIGRATIONS = (
         3,
         "train.unsafe_weights did not exist: every image's loss weighed the same",
         _unsafe_weights,
+    ),
+    Migration(
+        "init-adapter",
+        4,
+        "model.init_adapter did not exist: every dpo run started from a fresh adapter",
+        _init_adapter,
     ),
 )
 

@@ -227,9 +227,10 @@ def load_ip_adapter_export(pipe, folder) -> None:
     )
 
 
-def tiny_sd_folder(root, unet_config: dict, prompts, max_len: int):
+def tiny_sd_folder(root, unet_config: dict, prompts, max_len: int, scheduler=None):
     """Save a diffusers StableDiffusionPipeline of tiny random components (UNet, CLIP text
-    encoder over a word tokenizer of ``prompts``, VAE with one upsampling, DDIM) into ``root``."""
+    encoder over a word tokenizer of ``prompts``, VAE with one upsampling, ``scheduler`` or
+    SD's DDIM) into ``root``."""
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPTextModel
 
@@ -243,10 +244,52 @@ def tiny_sd_folder(root, unet_config: dict, prompts, max_len: int):
         text_encoder=tiny_clip_text(CLIPTextModel, vocab, cross, 1, max_len),
         tokenizer=tokenizer,
         unet=tiny_torch_unet(unet_config),
-        scheduler=sd_ddim_scheduler(),
+        scheduler=sd_ddim_scheduler() if scheduler is None else scheduler,
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
+    )
+    pipe.save_pretrained(root)
+    return root
+
+
+def tiny_sdxl_folder(
+    root, unet_config: dict, prompts, max_len: int, widths=(16, 24), force_zeros: bool = True
+):
+    """Save a diffusers StableDiffusionXLPipeline of tiny random components into ``root``: the
+    UNet, CLIPTextModel + CLIPTextModelWithProjection (OpenCLIP's gelu, as SDXL's encoder 2)
+    over one word tokenizer of ``prompts``, a VAE with one upsampling and DDIM. The encoders'
+    ``widths`` must add up to the UNet's ``cross_attention_dim`` and encoder 2's projection is
+    the pooled size the UNet's ``projection_class_embeddings_input_dim`` leaves (6 time ids)."""
+    from diffusers import StableDiffusionXLPipeline
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from psa_jax.data.tokenizer import build_word_tokenizer
+
+    assert sum(widths) == unet_config["cross_attention_dim"]
+    pooled = unet_config["projection_class_embeddings_input_dim"]
+    pooled -= 6 * unet_config["addition_time_embed_dim"]
+    tokenizer = build_word_tokenizer(prompts, max_length=max_len)
+    vocab = len(tokenizer.get_vocab())
+    pipe = StableDiffusionXLPipeline(
+        vae=tiny_torch_vae(2 * unet_config["sample_size"]),
+        text_encoder=tiny_clip_text(CLIPTextModel, vocab, widths[0], 1, max_len, layers=3),
+        text_encoder_2=tiny_clip_text(
+            CLIPTextModelWithProjection,
+            vocab,
+            widths[1],
+            3,
+            max_len,
+            layers=3,
+            projection_dim=pooled,
+            hidden_act="gelu",
+        ),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=tiny_torch_unet(unet_config),
+        scheduler=sd_ddim_scheduler(),
+        add_watermarker=False,
+        force_zeros_for_empty_prompt=force_zeros,
     )
     pipe.save_pretrained(root)
     return root

@@ -226,3 +226,66 @@ def test_loader_refuses_a_cache_for_other_data(world, built):
         collect(world, shuffled, 1)
     with pytest.raises(ValueError, match="needs caches with VAE moments"):
         collect(world, None, 1, decode_pixels=False)
+
+
+# -- SDXL: two text encoders --------------------------------------------------------------------
+
+
+def encoder_2(world: dict, seed: int = 3) -> FlaxCLIPTextModel:
+    """A random CLIPTextModelWithProjection twin of the world's encoder (24 wide, pooled 20)."""
+    cfg = dataclasses.replace(world["text"].config, hidden_size=24, projection_dim=20)
+    return FlaxCLIPTextModel.init_random(cfg, seed=seed, with_projection=True)
+
+
+def build_sdxl(world: dict, enc_2=None, **kw) -> dict:
+    args = dict(text_encoder_2=enc_2 or encoder_2(world), tokenizer_2=world["tokenizer"])
+    return build(world, text_layer="penultimate", vae=None, **{**args, **kw})  # text only
+
+
+def test_sdxl_caches_hold_both_encoders_pooled_text_and_time_ids(world):
+    enc_2 = encoder_2(world)
+    built = build_sdxl(world, enc_2, empty_prompt="zeros")
+    tables = C.load_caches(built["path"])
+    ids = tokenize(world["tokenizer"], tables.captions)
+    states, pooled = C.encode_text_pair(world["text"], enc_2, ids, ids)
+    out_1, out_2 = world["text"](ids), enc_2(ids)
+    assert tables.text_states.shape == (6, 16, 32 + 24) and tables.text_pooled.shape == (6, 20)
+    np.testing.assert_array_equal(states[:, :, :32], out_1.hidden_states[-2])  # side by side
+    np.testing.assert_array_equal(pooled, out_2.text_embeds)  # encoder 2's projection
+    assert rel_err(tables.text_states[1:], states[1:]) <= TOL
+    assert rel_err(tables.text_pooled[1:], pooled[1:]) <= TOL
+    assert not tables.text_states[0].any() and not tables.text_pooled[0].any()  # "" -> zeros
+    np.testing.assert_array_equal(tables.time_ids, [RES, RES, 0, 0, RES, RES])
+    assert built["text_encoder_2"]["checksum"] == C.encoder_checksum(enc_2)
+    assert built["tokenizer_2"]["length"] == 16 and built["empty_prompt"] == "zeros"
+    assert os.path.basename(built["path"]).endswith("-pixels-pen-zeros")
+    b = collect(world, tables, 1, caption_dropout=0.5)[0]
+    np.testing.assert_array_equal(b["time_ids"], np.tile(tables.time_ids, (4, 1)))
+    assert b["text_pooled"].shape == (4, 20)
+    encoded = build_sdxl(world, enc_2)  # the encoded "" instead: its own folder
+    assert encoded["path"] != built["path"] and encoded["empty_prompt"] is None
+    empty = C.load_caches(encoded["path"])
+    assert rel_err(empty.text_states[0], states[0]) <= TOL
+
+
+def test_sdxl_cache_keys_cover_the_second_encoder_and_tokenizer(world, monkeypatch):
+    first = build_sdxl(world)
+    other = build_sdxl(world, encoder_2(world, seed=4))
+    assert other["path"] != first["path"]  # encoder 2's weights name the folder too
+    # Another second tokenizer (same vocabulary, other length) is detected by the manifest.
+    tok_2 = build_word_tokenizer([r["caption"] for r in _lines()], max_length=16)
+    tok_2.model_max_length = 12
+    with pytest.raises(ValueError, match="pad to 16 and 12 tokens"):
+        build_sdxl(world, tokenizer_2=tok_2)
+    manifest_path = os.path.join(first["path"], C.MANIFEST)
+    with open(manifest_path) as f:
+        manifest = json.load(f)
+    manifest["tokenizer_2"]["checksum"] = "0" * 64  # as if built with another tokenizer 2
+    with open(manifest_path, "w") as f:
+        json.dump(manifest, f)
+    with pytest.warns(UserWarning, match="does not match"):
+        assert build_sdxl(world)["path"] == first["path"]
+    with pytest.raises(ValueError, match="penultimate"):
+        build(world, text_encoder_2=encoder_2(world), tokenizer_2=world["tokenizer"])
+    with pytest.raises(ValueError, match="come together"):
+        build(world, text_encoder_2=encoder_2(world), text_layer="penultimate")

@@ -195,8 +195,55 @@ def test_unsafe_weights_are_checked_and_migrated():
     with pytest.raises(ConfigValueError, match="does not read"):
         check_config(dpo)
     sage = apply_overrides(tiny.get_config("calibrate"), ["data.source=/data/sage"])
-    with pytest.raises(ConfigValueError, match=r"data\.users_csv"):
+    with pytest.raises(ConfigValueError, match="real SAGE"):
         check_config(sage)
     v2 = {**tiny.get_config("base").to_dict(), "schema_version": 2}
     del v2["train"]["unsafe_weights"]
     assert migrate_run_config(v2, "r")["train"]["unsafe_weights"] == {}
+
+
+def test_recipes_are_psalign_launchers():
+    """sd15/sdxl train as PSAlign's launchers ran on 4 GPUs (launchers/train_sd15.sh: 6 x 8 x 4
+    = 192 pairs, AdamW; train_sdxl.sh: 2 x 16 x 4 = 128 pairs, Adafactor, checkpointing); the
+    tiny DPO stage keeps its measured recipe (no empty captions)."""
+    for module, pairs, opt in ((sd15, 192, "adamw"), (sdxl, 128, "adafactor")):
+        cfg = module.get_config()
+        assert cfg.train.batch_size * cfg.train.accum_steps == pairs, module.__name__
+        assert (cfg.optim.name, cfg.optim.learning_rate, cfg.optim.schedule) == (
+            opt, 5e-6, "constant_with_warmup")  # fmt: skip
+        assert (cfg.optim.warmup_steps, cfg.optim.weight_decay, cfg.optim.grad_clip_norm) == (
+            500, 1e-2, 1.0)  # fmt: skip
+        assert (cfg.train.steps, cfg.train.checkpoint_every, cfg.train.beta) == (5000, 500, 5000)
+        assert cfg.data.flip_pair == "independent" and cfg.model.dtype == "bfloat16"
+    assert sd15.get_config().data.caption_dropout == 0.2  # --proportion_empty_prompts
+    assert sdxl.get_config().data.caption_dropout == 0.36  # drawn twice with --sdxl
+    assert (sd15.get_config().model.remat_policy, sdxl.get_config().model.remat_policy) == (
+        "none", "full")  # fmt: skip
+    assert tiny.get_config().data.caption_dropout == 0.0
+    assert tiny.get_config("base").data.caption_dropout == 0.1
+    assert tiny.get_config("calibrate").data.caption_dropout == 0.1
+
+
+def test_init_adapter_is_checked_and_migrated(tmp_path, caplog):
+    """``model.init_adapter``: an existing path, task=dpo only (checked before anything is
+    built); runs saved at schema v3 get ``""`` (a fresh adapter, how they trained)."""
+    import logging
+
+    import pytest
+
+    from psa_jax.config import apply_overrides, migrate_run_config
+    from psa_jax.train.checks import ConfigValueError, check_config
+
+    assert tiny.get_config().model.init_adapter == sd15.get_config().model.init_adapter == ""
+    missing = str(tmp_path / "nope.safetensors")
+    with pytest.raises(ConfigValueError, match=r"model\.init_adapter=.*nope.*no such file"):
+        check_config(apply_overrides(tiny.get_config(), [f"model.init_adapter={missing}"]))
+    check_config(apply_overrides(tiny.get_config(), [f"model.init_adapter={tmp_path}"]))
+    base = apply_overrides(tiny.get_config("base"), [f"model.init_adapter={tmp_path}"])
+    with pytest.raises(ConfigValueError, match="does not read it"):
+        check_config(base)
+    v3 = {**tiny.get_config().to_dict(), "schema_version": 3}
+    del v3["model"]["init_adapter"]
+    with caplog.at_level(logging.WARNING, logger="psa_jax.config"):
+        assert migrate_run_config(v3, "r")["model"]["init_adapter"] == ""
+    assert "'init-adapter'" in caplog.text and "model.init_adapter=''" in caplog.text

@@ -21,6 +21,7 @@ CLASSES = {
     "ddim": diffusers.DDIMScheduler,
     "euler": diffusers.EulerDiscreteScheduler,
     "dpmpp_2m": diffusers.DPMSolverMultistepScheduler,
+    "pndm": diffusers.PNDMScheduler,
 }
 BETAS = {
     "scaled_linear": dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
@@ -55,6 +56,8 @@ def _schedules(name, n, beta, pred, zero_snr=False, **opts):
     ours = S.make_sampler_schedule(name, n, make_noise_schedule(**noise_kw), **opts)
     cfg = {**S.SCHEDULERS[name].defaults, **opts}
     cfg.pop("eta", None)
+    if name == "pndm":  # PNDMScheduler has no zero-SNR rescaling
+        assert not noise_kw.pop("rescale_betas_zero_snr")
     ref = CLASSES[name](**noise_kw, **cfg)
     ref.set_timesteps(n)
     return ours, ref
@@ -118,14 +121,15 @@ def _compare(name, n, beta, pred, monkeypatch, seed=0, tol=(STEP_TOL, LOOP_TOL),
     np.testing.assert_allclose(float(S.init_noise_sigma(ours)), ref.init_noise_sigma, rtol=1e-6)
     rng = np.random.default_rng(seed)
     latents = rng.standard_normal(SHAPE, np.float32)
-    noises = rng.standard_normal((n, *SHAPE), np.float32)
+    calls = ours.num_inference_steps  # PNDM: more model calls than steps
+    noises = rng.standard_normal((calls, *SHAPE), np.float32)
     inputs, outputs, results = _reference_loop(
         ref, name, latents, noises, opts.get("eta", 0.0), monkeypatch
     )
     forced = np.asarray(_teacher_forced(ours, inputs, outputs, noises))
     free = np.asarray(_free_run(ours, latents, noises))
-    assert np.isfinite(results).all()
-    for i in range(n):
+    assert np.isfinite(results).all() and len(results) == calls
+    for i in range(calls):
         assert _rel(forced[i], results[i]) <= tol[0], (i, _rel(forced[i], results[i]))
         assert _rel(free[i], results[i]) <= tol[1], (i, _rel(free[i], results[i]))
 
@@ -163,6 +167,14 @@ def test_sampling_loop_matches_diffusers(name, pred, spacing, n, beta, monkeypat
         ("dpmpp_2m", 6, "cosine", "epsilon", dict(lambda_min_clipped=-5.1)),
         ("dpmpp_2m", 1, "scaled_linear", "epsilon", {}),
         ("dpmpp_2m", 2, "scaled_linear", "sample", dict(euler_at_final=True)),
+        ("pndm", 50, "scaled_linear", "epsilon", {}),  # PSAlign's: SD 1.5's PLMS, 50 steps
+        ("pndm", 10, "linear", "epsilon", dict(skip_prk_steps=False)),  # Runge-Kutta warm-up
+        ("pndm", 4, "scaled_linear", "v_prediction", dict(skip_prk_steps=False)),
+        ("pndm", 7, "cosine", "epsilon", dict(skip_prk_steps=False, set_alpha_to_one=True)),
+        ("pndm", 9, "linear", "v_prediction", dict(steps_offset=0, set_alpha_to_one=True)),
+        ("pndm", 1, "scaled_linear", "epsilon", {}),
+        ("pndm", 2, "scaled_linear", "epsilon", dict(timestep_spacing="trailing")),
+        ("pndm", 3, "linear", "v_prediction", dict(timestep_spacing="linspace")),
     ],
     ids=lambda v: v if isinstance(v, (str, int)) else "-".join(f"{k}={x}" for k, x in v.items()),
 )
@@ -241,6 +253,19 @@ def test_defaults_are_stable_diffusion_from_config(name):
     assert jax.tree.all(jax.tree.map(np.array_equal, via_config, ours))
 
 
+def test_sd15_folder_config_is_psaligns_plms():
+    """SD 1.5's shipped config (no name given) is PNDM with skip_prk_steps: 50 steps are 51
+    model calls, the first timestep twice, as diffusers' ``PNDMScheduler.from_config``."""
+    ours = S.from_diffusers_config(SD15_CONFIG, 50)
+    ref = diffusers.PNDMScheduler.from_config(SD15_CONFIG)
+    ref.set_timesteps(50)
+    assert ours.name == "pndm" and ours.num_inference_steps == 51
+    np.testing.assert_array_equal(np.asarray(ours.timesteps), ref.timesteps.numpy())
+    assert list(np.asarray(ours.timesteps)[:3]) == [981, 961, 961]
+    with pytest.raises(S.UnsupportedSchedulerError, match="LMSDiscreteScheduler"):
+        S.scheduler_for_class("LMSDiscreteScheduler")
+
+
 def test_from_diffusers_config_infers_the_sampler_and_reads_options():
     ref = diffusers.DPMSolverMultistepScheduler(
         **BETAS["linear"], prediction_type="v_prediction", timestep_spacing="trailing"
@@ -257,7 +282,7 @@ def test_from_diffusers_config_infers_the_sampler_and_reads_options():
 @pytest.mark.parametrize(
     "call,match",
     [
-        (lambda: S.make_sampler_schedule("pndm", 10), r"unknown scheduler 'pndm'.*'ddim'"),
+        (lambda: S.make_sampler_schedule("plms", 10), r"unknown scheduler 'plms'.*'ddim'"),
         (lambda: S.make_sampler_schedule("ddim", 10, timestep_spacing="x"), "timestep_spacing"),
         (lambda: S.make_sampler_schedule("euler", 0), "num_inference_steps"),
         (lambda: S.make_sampler_schedule("ddpm", 1001), "num_inference_steps"),
@@ -267,7 +292,19 @@ def test_from_diffusers_config_infers_the_sampler_and_reads_options():
         (lambda: S.make_sampler_schedule("dpmpp_2m", 10, solver_order=3), "solver_order"),
         (lambda: S.make_sampler_schedule("ddim", 10, eta=-1.0), "eta"),
         (lambda: S.make_sampler_schedule("ddpm", 1000, steps_offset=1), "outside"),
-        (lambda: S.from_diffusers_config(SD15_CONFIG, 10), "PNDMScheduler"),
+        (
+            lambda: S.from_diffusers_config(
+                {**SD15_CONFIG, "_class_name": "LMSDiscreteScheduler"}, 4
+            ),
+            r"'LMSDiscreteScheduler'.*PNDMScheduler \(pndm\)",
+        ),
+        (lambda: S.make_sampler_schedule("pndm", 3, skip_prk_steps=False), "skip_prk_steps"),
+        (
+            lambda: S.make_sampler_schedule(
+                "pndm", 10, make_noise_schedule(prediction_type="sample")
+            ),
+            "prediction_type 'sample' for 'pndm'",
+        ),
         (
             lambda: S.from_diffusers_config({**SD15_CONFIG, "thresholding": True}, 10, "ddim"),
             "thresholding",

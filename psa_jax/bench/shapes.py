@@ -117,10 +117,12 @@ class ShapeSpec:
 SHAPES: dict[str, ShapeSpec] = {
     "tiny": ShapeSpec("tiny.py", 32),
     "sd15-256": ShapeSpec("sd15.py", 256, batch=1, vae=SD_VAE, text_encoders=(CLIP_L,)),
-    "sd15": ShapeSpec("sd15.py", 512, vae=SD_VAE, text_encoders=(CLIP_L,)),
+    # batch: PSAlign's per-GPU micro-batch (its launchers: 6 for SD1.5, 2 for SDXL); the
+    # configs' train.batch_size is the global micro-batch of its 4 GPUs.
+    "sd15": ShapeSpec("sd15.py", 512, batch=6, vae=SD_VAE, text_encoders=(CLIP_L,)),
     # SDXL at 1024 px does not fit without rematerialisation (PSAlign checkpoints SDXL too).
     "sdxl": ShapeSpec(
-        "sdxl.py", 1024, vae=SDXL_VAE, text_encoders=(CLIP_L, CLIP_BIGG), remat="full"
+        "sdxl.py", 1024, batch=2, vae=SDXL_VAE, text_encoders=(CLIP_L, CLIP_BIGG), remat="full"
     ),
     "tiny-xl": ShapeSpec(
         "sdxl.py",

@@ -14,6 +14,10 @@ import os
 import sys
 from typing import Any
 
+import jax
+
+from psa_jax.cli.train import add_distributed_flags, init_distributed
+from psa_jax.core import parallel
 from psa_jax.core.checkpoint import RunNotFoundError, require_run
 from psa_jax.core.errors import UsageError
 from psa_jax.core.outputs import OutputExistsError
@@ -96,16 +100,23 @@ def _guard(name: str, fn, args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     if bool(args.workdir) == bool(args.pretrained):
         raise UsageError("give exactly one of --workdir and --pretrained")
+    init_distributed(args)  # before anything touches a JAX backend
     settings = _settings(args, benchmark.TOY_SCORERS)
     scorers = _preflight(args, settings, "results.json")
     model = _model(args)
     users = [u.strip() for u in args.users.split(",")] if args.users else None
     prompts = None if args.prompts == "toy" else args.prompts
+    shards = f"{os.path.abspath(args.out)}.shards" if jax.process_count() > 1 else None
     bundle = benchmark.evaluate_run(
-        model, settings, prompts, users, scorers=scorers, limit=args.limit
+        model, settings, prompts, users, scorers=scorers, limit=args.limit, shard_dir=shards
     )
+    if bundle is None:  # another process than 0: its share is drawn, process 0 reports
+        parallel.barrier(f"eval:{os.path.abspath(args.out)}")
+        print(json.dumps({"out": args.out, "process": jax.process_index()}))
+        return 0
     with report.atomic_output(args.out, "results.json") as tmp:
         report.write_eval_report(tmp, bundle)
+    parallel.barrier(f"eval:{os.path.abspath(args.out)}")
     res = bundle["results"]
     print(
         json.dumps(
@@ -179,6 +190,7 @@ def register(subparsers: Any) -> None:
     _common(ev)
     ev.add_argument("--pretrained", help="a local diffusers pipeline folder (with --adapter)")
     ev.add_argument("--users", help="user ids crossed with every prompt (else levels / rows)")
+    add_distributed_flags(ev, "each process draws a share of the images, process 0 scores")
     ev.set_defaults(func=lambda a: _guard("eval", _eval, a))
     sp = subparsers.add_parser("spqr", help="SPQR before/after a benign fine-tune, per level")
     _common(sp)

@@ -89,12 +89,18 @@ def register(subparsers: Any) -> None:
         "unreadable steps are moved aside (checkpoints/<step>.damaged-<time>), not deleted. "
         "Default: stop with an error naming the step",
     )
+    add_distributed_flags(p, "every process trains its share of each batch")
+    p.set_defaults(func=_train_cmd, accepts_extra=True)
+
+
+def add_distributed_flags(p: Any, what: str) -> None:
+    """``--distributed`` / ``--coordinator-address`` ``--num-processes`` ``--process-id``: a
+    multi-process run (see :func:`init_distributed`); ``what`` says what each process does."""
     p.add_argument(
         "--distributed",
         action="store_true",
-        help="jax.distributed.initialize() with auto-detection (pods, SLURM)",
+        help=f"jax.distributed.initialize() with auto-detection (pods, SLURM); {what}",
     )
     p.add_argument("--coordinator-address", help="host:port of process 0 (multi-process)")
     p.add_argument("--num-processes", type=int)
     p.add_argument("--process-id", type=int)
-    p.set_defaults(func=_train_cmd, accepts_extra=True)

@@ -4,8 +4,10 @@ The VAE and text encoder never train, so their outputs are computed once per dat
 back by :class:`psa_jax.data.loader.SageLoader` (``caches=``) instead of being recomputed every
 step. Layout, next to the TFDS files (a rebuilt dataset deletes its caches with it)::
 
-    <data_dir>/<name>/<version>/caches/<split>/<text[:12]>-<vae[:12] | "pixels">[-pen][-r<res>]/
+    <data_dir>/<name>/<version>/caches/<split>/
+      <text[:12]>-<vae[:12] | "pixels">[-pen][-r<res>][-zeros]/
         manifest.json        what it was built from (checksums, fingerprint) + counts, shapes
+                             (+ SDXL's size conditioning ``time_ids``)
         text_states.npy      [T, L, D] float32; row 0 is the empty prompt (caption dropout)
         text_pooled.npy      [T, D] float32 (text_embeds with a projection, else pooled)
         captions.json        the T prompts, row order
@@ -15,6 +17,11 @@ step. Layout, next to the TFDS files (a rebuilt dataset deletes its caches with 
                              for pixel-space configs (vae=None)
         record_index.npy     [N] int64, sorted ``index`` feature of every record, and aligned
         chosen_row.npy, rejected_row.npy, caption_row.npy   [N] int32 rows into the tables
+
+SDXL (two text encoders): ``text_states`` are both encoders' penultimate states side by side
+(``D = D1 + D2``), ``text_pooled`` encoder 2's projected ``text_embeds``, and ``<text[:12]>``
+hashes both encoders' checksums (each is in the manifest, with its tokenizer's). ``-zeros``: the
+empty prompt's row is all zeros (``force_zeros_for_empty_prompt``), not the encoded ``""``.
 
 Images are deduplicated by the hash of their stored bytes (the toy world shares one image among
 hundreds of users) and encoded in both orientations, because a VAE is not flip-equivariant: the
@@ -49,6 +56,7 @@ from psa_jax.data.tokenizer import tokenize
 FORMAT = 1
 MANIFEST = "manifest.json"
 TEXT_LAYERS = ("last", "penultimate")
+EMPTY_PROMPTS = ("encoded", "zeros")
 _ARRAYS = ("text_states", "text_pooled", "image_sha256", "record_index")
 _ROWS = ("chosen_row", "rejected_row", "caption_row")
 log = logging.getLogger(__name__)
@@ -113,6 +121,15 @@ class CacheTables:
 
     EMPTY_ROW = 0  # the empty prompt's text row
 
+    @property
+    def time_ids(self) -> np.ndarray | None:
+        """SDXL's ``[6]`` float32 size conditioning of every record (original H, W, crop top,
+        left, target H, W), or None for a one-encoder cache. The stored images were resized
+        and center-cropped when the dataset was built, so it is (H, W, 0, 0, H, W) of them,
+        as PSAlign's SDXL training and diffusers' sampling default."""
+        ids = self.manifest.get("time_ids")
+        return None if ids is None else np.asarray(ids, np.float32)
+
     def position(self, index: int) -> int:
         """Row of record ``index`` in the per-record arrays; KeyError if the cache lacks it."""
         pos = int(np.searchsorted(self.record_index, index))
@@ -160,6 +177,20 @@ def encode_text(text_encoder: Any, ids: np.ndarray, layer: str) -> tuple[jax.Arr
     out = text_encoder(ids)
     states = out.last_hidden_state if layer == "last" else out.hidden_states[-2]
     return states, out.text_embeds if out.text_embeds is not None else out.pooled
+
+
+def encode_text_pair(
+    text_encoder: Any, text_encoder_2: Any, ids: np.ndarray, ids_2: np.ndarray
+) -> tuple[jax.Array, jax.Array]:
+    """SDXL's two encoders, as diffusers' ``StableDiffusionXLPipeline.encode_prompt``: the
+    penultimate states of both side by side (``[B, L, D1 + D2]``; the final layer norm is not
+    applied there) and encoder 2's projected ``text_embeds`` ``[B, P]`` as the pooled text.
+    The caches and the sampler condition on the same text."""
+    out, out_2 = text_encoder(ids), text_encoder_2(ids_2)
+    if out_2.text_embeds is None:
+        raise ValueError("SDXL's second text encoder needs its projection (text_embeds)")
+    states = jax.numpy.concatenate([out.hidden_states[-2], out_2.hidden_states[-2]], axis=-1)
+    return states, out_2.text_embeds
 
 
 def _chunks(rows: Iterable[np.ndarray], batch: int) -> Iterator[np.ndarray]:
@@ -264,14 +295,35 @@ def _matches(folder: str, expected: dict[str, Any]) -> bool | None:
     return all(manifest.get(k) == v for k, v in expected.items())
 
 
+def _tokenizer_spec(tokenizer: Any, ids: np.ndarray) -> dict[str, Any]:
+    return {
+        "checksum": tokenizer_checksum(tokenizer),
+        "ids_sha256": hashlib.sha256(ids.tobytes()).hexdigest(),
+        "length": int(ids.shape[1]),
+    }
+
+
 def _expected(
     name: str, split: str, n: int, scan: dict, ids: np.ndarray, text: Any, tokenizer: Any,
-    vae: Any | None, text_layer: str, resolution: int | None,
+    vae: Any | None, text_layer: str, resolution: int | None, empty_prompt: str,
+    sdxl: dict[str, Any] | None,
 ) -> dict[str, Any]:  # fmt: skip
-    """What a cache must have been built from to be reused (JSON-normalised for comparison)."""
+    """What a cache must have been built from to be reused (JSON-normalised for comparison).
+    ``sdxl`` (two encoders): ``text_encoder_2``, ``tokenizer_2``, ``ids_2``, ``time_ids``; the
+    keys they fill, and ``empty_prompt`` unless "zeros", are None otherwise (as in the caches
+    made before those keys existed, which therefore still match)."""
     vae_spec = None
     if vae is not None:
         vae_spec = {"checksum": encoder_checksum(vae), "config": repr(vae.config)}
+    extra = {"text_encoder_2": None, "tokenizer_2": None, "time_ids": None}
+    if sdxl is not None:
+        enc_2 = sdxl["text_encoder_2"]
+        extra = {
+            "text_encoder_2": {"checksum": encoder_checksum(enc_2), "config": repr(enc_2.config)},
+            "tokenizer_2": _tokenizer_spec(sdxl["tokenizer_2"], sdxl["ids_2"]),
+            "time_ids": sdxl["time_ids"],
+        }
+    extra["empty_prompt"] = None if empty_prompt == "encoded" else empty_prompt
     spec = {
         "format": FORMAT,
         "dataset": {
@@ -287,27 +339,33 @@ def _expected(
             "layer": text_layer,
             "config": repr(text.config),
         },
-        "tokenizer": {
-            "checksum": tokenizer_checksum(tokenizer),
-            "ids_sha256": hashlib.sha256(ids.tobytes()).hexdigest(),
-            "length": int(ids.shape[1]),
-        },
+        "tokenizer": _tokenizer_spec(tokenizer, ids),
         "vae": vae_spec,
+        **extra,
     }
     return json.loads(json.dumps(spec))
 
 
 def _write_arrays(
     tmp: str, scan: dict, source: Any, ids: np.ndarray, text: Any, vae: Any | None,
-    text_layer: str, resolution: int | None, batch_size: int,
+    text_layer: str, resolution: int | None, batch_size: int, empty_prompt: str,
+    sdxl: dict[str, Any] | None,
 ) -> dict[str, list[int]]:  # fmt: skip
     """Run the encoders and write every ``.npy`` into ``tmp``; returns the array shapes."""
     arrays = {k: scan[k] for k in ("image_sha256", "record_index", *_ROWS)}
     batch = max(1, min(batch_size, len(ids)))
-    run_text = lambda x: encode_text(text, x, text_layer)  # noqa: E731
+    if sdxl is None:
+        run_text = lambda x: encode_text(text, x, text_layer)  # noqa: E731
+    else:  # both tokenizers' ids side by side in one array, split again for the encoders
+        width, enc_2 = ids.shape[1], sdxl["text_encoder_2"]
+        ids = np.concatenate([ids, sdxl["ids_2"]], axis=1)
+        run_text = lambda x: encode_text_pair(text, enc_2, x[:, :width], x[:, width:])  # noqa: E731
     outs = list(_run_fixed(run_text, _chunks(ids, batch), batch))
     arrays["text_states"] = np.concatenate([o[0] for o in outs])
     arrays["text_pooled"] = np.concatenate([o[1] for o in outs])
+    if empty_prompt == "zeros":  # row 0 is the prompt ""
+        arrays["text_states"][CacheTables.EMPTY_ROW] = 0.0
+        arrays["text_pooled"][CacheTables.EMPTY_ROW] = 0.0
     for k, v in arrays.items():
         np.save(os.path.join(tmp, f"{k}.npy"), v)
     shapes = {k: list(v.shape) for k, v in arrays.items()}
@@ -331,6 +389,28 @@ def _write_arrays(
     return shapes
 
 
+def _sdxl_inputs(
+    source: Any, scan: dict, ids: np.ndarray, text_encoder_2: Any, tokenizer_2: Any,
+    resolution: int | None,
+) -> dict[str, Any]:  # fmt: skip
+    """The second encoder, its tokenizer's ids of the prompts, and the stored images' size
+    conditioning (H, W, 0, 0, H, W) (every image has the first one's size: see ``_chunks``)."""
+    ids_2 = tokenize(tokenizer_2, scan["prompts"])
+    if ids_2.shape[1] != ids.shape[1]:
+        raise ValueError(
+            f"the two tokenizers pad to {ids.shape[1]} and {ids_2.shape[1]} tokens: "
+            "SDXL's states are concatenated per token, so the lengths must be equal"
+        )
+    pos, image_key = scan["firsts"][0]
+    h, w = decode_image(source[pos][image_key], resolution).shape[:2]
+    return {
+        "text_encoder_2": text_encoder_2,
+        "tokenizer_2": tokenizer_2,
+        "ids_2": ids_2,
+        "time_ids": [h, w, 0, 0, h, w],
+    }
+
+
 def build_caches(
     data_dir: str | os.PathLike,
     name: str,
@@ -342,6 +422,9 @@ def build_caches(
     text_layer: str = "last",
     batch_size: int = 64,
     resolution: int | None = None,
+    text_encoder_2: Any | None = None,
+    tokenizer_2: Any | None = None,
+    empty_prompt: str = "encoded",
 ) -> dict[str, Any]:
     """Encode a built split once and store the result with the dataset; returns the manifest
     (plus ``"path"``, the cache folder). A matching cache is reused without running an encoder.
@@ -350,24 +433,46 @@ def build_caches(
     ``last_hidden_state`` (SD1.x/2.x), ``"penultimate"`` is ``hidden_states[-2]`` (SDXL).
     ``batch_size`` is the fixed encoder batch (rows, padded); ``resolution`` must equal the
     loader's. Run it on one process; the others then ``load_caches(manifest["path"])``.
+
+    SDXL: ``text_encoder_2`` (with its projection) and ``tokenizer_2`` make the text rows
+    :func:`encode_text_pair`'s (``text_layer`` must be "penultimate"), and the manifest gets
+    the size conditioning ``time_ids`` = (H, W, 0, 0, H, W) of the stored images (see
+    :attr:`CacheTables.time_ids`). ``empty_prompt``: row 0, the prompt ``""`` that caption
+    dropout uses, is ``"encoded"`` or all ``"zeros"`` (SDXL's ``force_zeros_for_empty_prompt``).
     """
     if text_layer not in TEXT_LAYERS:
         raise ValueError(f"text_layer must be one of {TEXT_LAYERS}, got {text_layer!r}")
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if empty_prompt not in EMPTY_PROMPTS:
+        raise ValueError(f"empty_prompt must be one of {EMPTY_PROMPTS}, got {empty_prompt!r}")
+    if (text_encoder_2 is None) != (tokenizer_2 is None):
+        raise ValueError("text_encoder_2 and tokenizer_2 come together (SDXL) or not at all")
+    if text_encoder_2 is not None and text_layer != "penultimate":
+        raise ValueError(
+            "two text encoders (SDXL) condition on their penultimate states: "
+            f"text_layer (a config's model.text_layer) must be 'penultimate', got {text_layer!r}"
+        )
     start = time.perf_counter()
     source = open_source(data_dir, name, split)
     if len(source) == 0:
         raise ValueError(f"{name}/{split} in {data_dir} has no records")
     scan = _scan(source)
     ids = tokenize(tokenizer, scan["prompts"])
-    args = (text_encoder, tokenizer, vae, text_layer, resolution)
+    sdxl = None
+    if text_encoder_2 is not None:
+        sdxl = _sdxl_inputs(source, scan, ids, text_encoder_2, tokenizer_2, resolution)
+    args = (text_encoder, tokenizer, vae, text_layer, resolution, empty_prompt, sdxl)
     expected = _expected(name, split, len(source), scan, ids, *args)
-    key = expected["text_encoder"]["checksum"][:12] + "-"
+    text_key = expected["text_encoder"]["checksum"]
+    if sdxl is not None:
+        text_key = _sha256(text_key, expected["text_encoder_2"]["checksum"])
+    key = text_key[:12] + "-"
     key += "pixels" if vae is None else expected["vae"]["checksum"][:12]
     key += ("-pen" if text_layer == "penultimate" else "") + (
         f"-r{resolution}" if resolution else ""
     )
+    key += "-zeros" if empty_prompt == "zeros" else ""
     root = cache_root(data_dir, name, split)
     final = os.path.join(root, key)
     state = _matches(final, expected)
@@ -380,9 +485,8 @@ def build_caches(
     os.makedirs(root, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{key}-", dir=root)
     try:
-        shapes = _write_arrays(
-            tmp, scan, source, ids, text_encoder, vae, text_layer, resolution, batch_size
-        )
+        shapes = _write_arrays(tmp, scan, source, ids, text_encoder, vae, text_layer, resolution,
+                               batch_size, empty_prompt, sdxl)  # fmt: skip
         with open(os.path.join(tmp, "captions.json"), "w", encoding="utf-8") as f:
             json.dump(scan["prompts"], f, ensure_ascii=False)
         counts = {"records": len(source), "images": len(scan["firsts"])}

@@ -47,6 +47,7 @@ _ARRAY_KEYS = (
     "rejected_moments",
     "text_states",
     "text_pooled",
+    "time_ids",
 )
 
 
@@ -93,10 +94,11 @@ class SageLoader:
     ``get_state()`` after k batches, ``set_state()`` on a fresh loader with the same settings:
     its next batch is batch k+1 of the uninterrupted run.
 
-    ``caches`` (``load_caches``) adds ``text_states`` ``[B, L, D]``, ``text_pooled`` ``[B, D']``
-    and, unless the cache is pixel-space, ``chosen_moments``/``rejected_moments``
-    ``[B, h, w, 2 * latent]`` (NHWC, mean then logvar). Every record's stored image bytes and
-    caption are checked against the cache's hashes as it is read, so a stale cache fails loudly.
+    ``caches`` (``load_caches``) adds ``text_states`` ``[B, L, D]``, ``text_pooled`` ``[B, D']``,
+    SDXL's ``time_ids`` ``[B, 6]`` (an SDXL cache's :attr:`~CacheTables.time_ids`) and, unless
+    the cache is pixel-space, ``chosen_moments``/``rejected_moments`` ``[B, h, w, 2 * latent]``
+    (NHWC, mean then logvar). Every record's stored image bytes and caption are checked against
+    the cache's hashes as it is read, so a stale cache fails loudly.
     ``decode_pixels=False`` (needs latent caches) leaves ``chosen``/``rejected`` out.
     """
 
@@ -223,6 +225,8 @@ class SageLoader:
             raise ValueError(f"cache {c.path} is stale: record {index} has another {stale}")
         text_row = c.EMPTY_ROW if drop else text_row
         out = {"text_states": c.text_states[text_row], "text_pooled": c.text_pooled[text_row]}
+        if c.time_ids is not None:  # SDXL: one size conditioning for every stored image
+            out["time_ids"] = c.time_ids
         if c.moments is not None:
             for key, row in rows.items():
                 out[f"{key}_moments"] = c.moments[row, int(flips[key])]

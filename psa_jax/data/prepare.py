@@ -5,7 +5,8 @@ frozen-encoder caches and the loader.
 (``$PSA_JAX_CACHE`` or ``~/.cache/psa_jax``) and builds it; any other ``source`` is a
 Sage-format folder (``metadata.jsonl`` + images) or a folder already built by ``build-data``.
 Profile embeddings (``config.data.embeddings``): ``"minilm"`` computes them offline for the
-world's users (cached), else a folder written by ``embed-profiles``. Every step is keyed by its
+world's users (cached), ``"npy:DIR"`` imports PSAlign's ``<id>.npy`` files for
+``data.users_csv`` (cached), else a folder written by ``embed-profiles``. Every step is keyed by its
 inputs and reused; process 0 prepares first, the others then find (or, without a shared file
 system, rebuild) the same files. The frozen models (``psa_jax.models.loading.BaseModels``) come
 in as arguments: their text encoder and VAE fill the caches, their tokenizer (if any) is used.
@@ -99,7 +100,7 @@ def prepare_data(config: Any, models: Any, *, build_splits: bool = True) -> Spli
     if not data.source or not data.embeddings:
         raise ValueError(
             "set --config.data.source (a Sage-format folder, or 'toy') and "
-            "--config.data.embeddings (an embed-profiles folder, or 'minilm')"
+            "--config.data.embeddings (an embed-profiles folder, 'minilm' or 'npy:DIR')"
         )
     resolution = data.resolution
     wanted = [data.train_split] + ([data.eval_split] if data.eval_split else [])
@@ -134,19 +135,30 @@ def _tokenizer(config: Any, models: Any, root: str, sources: dict[str, str]) -> 
 
 
 def _embeddings(config: Any, root: str, users_csv: str | None) -> dict[str, np.ndarray]:
+    """``data.embeddings``: an embed-profiles folder as it is, or ``"minilm"`` / ``"npy:DIR"``
+    (PSAlign's ``<id>.npy`` files) made into one for ``data.users_csv`` under the cache root,
+    keyed by the users file (and the ``.npy`` files' names and bytes) and reused."""
     spec = config.data.embeddings
-    if spec != "minilm":
+    npy = spec.startswith("npy:")
+    if spec != "minilm" and not npy:
         return embed.load_embeddings(os.path.expanduser(spec))
     if not users_csv:
-        raise ValueError("data.embeddings='minilm' needs data.users_csv (the users to embed)")
+        raise ValueError(f"data.embeddings={spec!r} needs data.users_csv (the users to embed)")
+    h = hashlib.sha256()
     with open(users_csv, "rb") as f:
-        out = os.path.join(
-            root, "embeddings", f"minilm-{hashlib.sha256(f.read()).hexdigest()[:12]}"
-        )
+        h.update(f.read())
+    if npy:
+        folder = os.path.abspath(os.path.expanduser(spec[len("npy:") :]))
+        spec = f"npy:{folder}"
+        names = os.listdir(folder) if os.path.isdir(folder) else []  # else: named by npy:
+        for name in sorted(n for n in names if n.endswith(".npy")):
+            with open(os.path.join(folder, name), "rb") as f:
+                h.update(name.encode() + b"|" + f.read())
+    out = os.path.join(root, "embeddings", f"{'npy' if npy else 'minilm'}-{h.hexdigest()[:12]}")
 
     def make() -> None:
         if not os.path.isfile(os.path.join(out, MANIFEST)):
-            embed.embed_profiles(users_csv, "minilm", out)
+            embed.embed_profiles(users_csv, spec, out)
 
     process_zero_first(make, "embeddings")
     return embed.load_embeddings(out)
@@ -223,8 +235,16 @@ def _toy_tokenizer(config: Any, root: str, sources: dict[str, str]) -> Any:
 
 def open_caches(config: Any, models: Any, splits: Splits, split: str, with_vae: bool = True):
     """Encoder caches of one split (built on first use, reused after); ``with_vae=False``:
-    text only (the loader then decodes pixels)."""
+    text only (the loader then decodes pixels).
+
+    SDXL (``models.text_encoder_2`` set): both encoders' states, encoder 2's pooled text and the
+    size ``time_ids``; the empty prompt that caption dropout uses is all zeros when the base
+    folder says ``force_zeros_for_empty_prompt`` (SDXL base 1.0 does), as the sampler's
+    unconditional branch and as SDXL itself was trained (its conditioner zeroes a dropped
+    embedding), not the encoded ``""`` of PSAlign's and diffusers' SDXL training scripts."""
     layer = config.model.text_layer
+    text_2 = models.text_encoder_2
+    zeros = text_2 is not None and models.force_zeros_for_empty_prompt
 
     def build() -> dict:
         return cache_lib.build_caches(
@@ -236,6 +256,9 @@ def open_caches(config: Any, models: Any, splits: Splits, split: str, with_vae: 
             vae=models.vae if with_vae else None,
             text_layer=layer,
             resolution=splits.resolution,
+            text_encoder_2=text_2,
+            tokenizer_2=models.tokenizer_2 if text_2 is not None else None,
+            empty_prompt="zeros" if zeros else "encoded",
         )
 
     manifest = process_zero_first(build, f"caches:{split}")

@@ -155,9 +155,10 @@ def read_users(path: str | os.PathLike, *, ids_from_row_order: bool = False) -> 
 def chosen_is_unsafe(
     users: Sequence[UserProfile], user_ids: Iterable[str], categories: Iterable[str]
 ) -> np.ndarray:
-    """``[B]`` bool: whether each Sage pair's chosen image is its unsafe one. A Sage pair (and
-    Sage-mini's, ``toy_world.pair_record``) chooses the safe image where its user bans the
-    caption's category and the faithful unsafe image otherwise; a user not in ``users`` is a
+    """``[B]`` bool: whether each Sage-mini pair's chosen image is its unsafe one: a Sage-mini
+    pair (``toy_world.pair_record``) chooses the safe image where its user bans the caption's
+    category and the unsafe one otherwise. Not true of real SAGE, whose records of a pair's
+    *safe* caption choose the safe image for every user. A user not in ``users`` is a
     :class:`ProfileError` (that pair's images cannot be told apart)."""
     bans = {u.user_id: frozenset(u.banned) for u in users}
     out = []

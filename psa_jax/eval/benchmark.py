@@ -19,12 +19,13 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 
 from psa_jax.core.checkpoint import require_run
 from psa_jax.eval import spqr as spqr_lib
 from psa_jax.eval.benign_data import benign_data, encode_benign
-from psa_jax.eval.generation import generate
+from psa_jax.eval.generation import generate, generate_across_processes
 from psa_jax.eval.plans import (
     BASE,
     PSA,
@@ -212,12 +213,24 @@ def evaluate_run(
     users: Sequence[str] | None = None,
     scorers: Mapping[str, Any] | None = None,
     limit: int | None = None,
-) -> dict[str, Any]:
-    """``psa-jax eval``: results (JSON-ready) plus the images, for the report."""
+    shard_dir: str | None = None,
+) -> dict[str, Any] | None:
+    """``psa-jax eval``: results (JSON-ready) plus the images, for the report.
+
+    With several JAX processes (``shard_dir`` set: a folder they all see), each draws a share
+    of the images and process 0 scores them all; the other processes return None."""
     scorers = scorers or build_scorers(settings)
     items = plan(model, settings, prompts, users, limit=limit)
-    ref = reference_stats(model, scorers, settings)
-    m = measure(model, items, scorers, settings, ref)
+    if shard_dir is not None and jax.process_count() > 1:
+        images = generate_across_processes(model.pipeline, items, settings.sampler, shard_dir,
+                                           desc="sampling", progress=settings.progress)  # fmt: skip
+        if images is None:
+            return None
+        ref = reference_stats(model, scorers, settings)
+        m = score_images(items, images, scorers, ref, progress=settings.progress)
+    else:
+        ref = reference_stats(model, scorers, settings)
+        m = measure(model, items, scorers, settings, ref)
     results = {
         "model": model.source,
         "prompts": prompts or "toy",
@@ -320,6 +333,7 @@ def _finetune_base(pipe, images, captions, finetune_cfg, digest: str, progress: 
         moments,
         states,
         finetune_cfg,
+        shift_factor=pipe.shift_factor,
         progress=progress,
     )
     if adapter_digest(pipe.adapter) != digest:

@@ -72,3 +72,64 @@ def generate(
         out[PSA] = user_imgs
     bar.close()
     return out
+
+
+# -- many processes: each draws a share, process 0 gathers ------------------------------------
+
+
+def shard_items(items: Sequence[EvalItem], index: int, count: int) -> list[int]:
+    """Indices of the items process ``index`` of ``count`` draws: whole (caption, seed) groups
+    (every user of one caption and seed, so that group's base image is drawn once), dealt
+    round-robin in order of first appearance."""
+    keys = list(dict.fromkeys((it.caption, it.seed) for it in items))
+    mine = {k for j, k in enumerate(keys) if j % count == index}
+    return [i for i, it in enumerate(items) if (it.caption, it.seed) in mine]
+
+
+def generate_across_processes(
+    pipeline: Any,
+    items: Sequence[EvalItem],
+    settings: Mapping[str, Any],
+    shard_dir: str,
+    **kw: Any,
+) -> dict[str, np.ndarray] | None:
+    """:func:`generate` over ``jax.process_count()`` processes: each draws its
+    :func:`shard_items` into ``shard_dir/<index>.npz`` (a folder every process sees); after a
+    barrier process 0 gathers them in item order and returns what one process would have
+    drawn; the others return None. The shard files are removed."""
+    import os
+
+    import jax
+
+    from psa_jax.core import parallel
+
+    index, count = jax.process_index(), jax.process_count()
+    os.makedirs(shard_dir, exist_ok=True)
+    mine = shard_items(items, index, count)
+    drawn = generate(pipeline, [items[i] for i in mine], settings, **kw) if mine else {}
+    path = os.path.join(shard_dir, f"{index}.npz")
+    np.savez(path + ".tmp.npz", idx=np.asarray(mine, np.int64), **drawn)
+    os.replace(path + ".tmp.npz", path)
+    parallel.barrier(f"eval-generate:{os.path.abspath(shard_dir)}")
+    if index != 0:
+        return None
+    out: dict[str, np.ndarray] = {}
+    seen = np.zeros(len(items), bool)
+    for k in range(count):
+        with np.load(os.path.join(shard_dir, f"{k}.npz")) as part:
+            idx = part["idx"]
+            if seen[idx].any():
+                raise ValueError(f"process {k} drew items another process drew")
+            seen[idx] = True
+            for name in part.files:
+                if name == "idx":
+                    continue
+                if name not in out:
+                    out[name] = np.zeros((len(items), *part[name].shape[1:]), part[name].dtype)
+                out[name][idx] = part[name]
+    if not seen.all():
+        raise ValueError(f"{int((~seen).sum())} items were drawn by no process")
+    for k in range(count):
+        os.remove(os.path.join(shard_dir, f"{k}.npz"))
+    os.rmdir(shard_dir)
+    return out

@@ -135,6 +135,11 @@ def export_base_pipeline(
     run = load_run(base_workdir, data=False)  # of the data, only the tokenizer is needed
     if run.models.vae is None:
         raise ExportError(f"{base_workdir} was trained without a VAE (model.vae_path)")
+    if run.models.text_encoder_2 is not None:  # this writes a StableDiffusionPipeline folder
+        raise ExportError(
+            f"{base_workdir} is an SDXL base (two text encoders): diffusers-pipeline writes "
+            "SD 1.x/2.x pipelines only; export its UNet with --format diffusers-unet"
+        )
     tokenizer = prepare_tokenizer(run.config, run.models)
     recipe = dict(recipe or recipe_of(base_workdir))
     with atomic_folder(out, PIPELINE_FILES) as tmp:

@@ -11,7 +11,8 @@ both directions, so import and export cannot drift apart.
   ``ip_adapter.<2i+1>.to_{k,v}_ip.weight``.
   diffusers' ``ImageProjection`` always makes 4 tokens, so a T-token adapter (T in 1, 2, 4) is
   exported exactly by repeating each token's projection rows 4/T times: duplicated keys and
-  values leave every attention output unchanged.
+  values leave every attention output unchanged. Importing such a file into a T-token tree
+  takes every (4/T)-th token back when the repeats are exact (the same adapter again).
 """
 
 from __future__ import annotations
@@ -116,16 +117,43 @@ def _tile_tokens(sd: dict[str, np.ndarray], cross_dim: int) -> dict[str, np.ndar
     }
 
 
+def _untile_tokens(sd: Mapping[str, Any], cross_dim: int, t: int) -> Mapping[str, Any]:
+    """A 4-token IP-Adapter state dict whose tokens repeat ``t`` tokens 4/t times each (what
+    :func:`_tile_tokens` wrote) with those ``t`` tokens; anything else unchanged (its shapes
+    then mismatch, by name)."""
+    w, b = sd.get("image_proj.proj.weight"), sd.get("image_proj.proj.bias")
+    if w is None or b is None or t >= IP_ADAPTER_TOKENS or IP_ADAPTER_TOKENS % t:
+        return sd
+    w, b = np.asarray(w), np.asarray(b)
+    if w.ndim != 2 or w.shape[0] != IP_ADAPTER_TOKENS * cross_dim or b.shape != (w.shape[0],):
+        return sd
+    reps = IP_ADAPTER_TOKENS // t
+    w4, b4 = w.reshape(t, reps, cross_dim, -1), b.reshape(t, reps, cross_dim)
+    if not (np.array_equal(w4, np.repeat(w4[:, :1], reps, 1))
+            and np.array_equal(b4, np.repeat(b4[:, :1], reps, 1))):  # fmt: skip
+        return sd
+    return {
+        **sd,
+        "image_proj.proj.weight": w4[:, 0].reshape(t * cross_dim, -1),
+        "image_proj.proj.bias": b4[:, 0].reshape(-1),
+    }
+
+
 def import_adapter(
     state_dict: Mapping[str, Any], reference: Mapping[str, Any], *, what: str = "adapter file"
 ) -> dict[str, Any]:
-    """An external adapter state dict -> adapter tree shaped like ``reference``.
+    """An external adapter state dict -> adapter tree shaped like ``reference`` (a diffusers
+    IP-Adapter export of a T < 4 token adapter: its repeated tokens taken back).
 
     Raises:
       WeightMismatchError: naming missing, unexpected and mis-shaped keys.
     """
     fmt = detect_format(state_dict, what=what)
     ref = flat_leaves(reference)
+    if fmt == "diffusers-ip-adapter":
+        cross_dim = ref[("user_proj", "norm", "scale")].shape[0]
+        t = ref[("user_proj", "kernel")].shape[1] // cross_dim
+        state_dict = _untile_tokens(state_dict, cross_dim, t)
     rows = _table(adapter_layer_paths(reference), fmt)
     out, missing, mismatched = {}, [], []
     for row in rows:

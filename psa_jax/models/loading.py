@@ -1,11 +1,12 @@
 """The frozen base models of a config, loaded explicitly.
 
 ``config.model.init`` says where they come from: ``"pretrained"`` reads ``model.pretrained`` (a
-local diffusers pipeline folder: ``unet/``, ``text_encoder/``, ``vae/``, ``tokenizer/``; or
-``packaged:<name>``) or, without it, ``model.base_workdir`` (the UNet of a ``denoise`` run) with
-``model.vae_path`` (a ``vae`` run's folder or a diffusers VAE folder); ``"random"`` initialises
-the config's architecture at ``init_seed`` (tests, smoke runs, the tiny world's base training).
-Anything else, or ``"pretrained"`` with nothing named, is an error that says which key to set.
+local diffusers pipeline folder: ``unet/``, ``text_encoder/``, ``vae/``, ``tokenizer/``, and
+for SDXL ``text_encoder_2/``, ``tokenizer_2/``; or ``packaged:<name>``) or, without it,
+``model.base_workdir`` (the UNet of a ``denoise`` run) with ``model.vae_path`` (a ``vae``
+run's folder or a diffusers VAE folder); ``"random"`` initialises the config's architecture
+at ``init_seed`` (tests, smoke runs, the tiny world's base training). Anything else, or
+``"pretrained"`` with nothing named, is an error that says which key to set.
 """
 
 from __future__ import annotations
@@ -43,6 +44,17 @@ class BaseModels:
     tokenizer: Any | None  # None: the toy world's word tokenizer, built with the data
     schedule: noise_lib.NoiseSchedule
     scaling_factor: float
+    # SDXL (a pretrained folder with text_encoder_2/): CLIPTextModelWithProjection, its
+    # tokenizer, and model_index.json's force_zeros_for_empty_prompt (see prepare.open_caches)
+    text_encoder_2: FlaxCLIPTextModel | None = None
+    tokenizer_2: Any | None = None
+    force_zeros_for_empty_prompt: bool = False
+
+    @property
+    def shift_factor(self) -> float:
+        """The VAE's ``shift_factor`` (0.0 without a VAE or where its config has None):
+        training latents are ``(z - shift_factor) * scaling_factor``, decoding inverts it."""
+        return self.vae.shift_factor if self.vae is not None else 0.0
 
 
 def load_base_models(
@@ -63,11 +75,6 @@ def load_base_models(
     init = model_init(model)
     if init == "pretrained" and model.pretrained:
         root = resolve_packaged(model.pretrained)
-        if os.path.isdir(os.path.join(root, "text_encoder_2")):
-            raise NotImplementedError(
-                f"{root} has two text encoders (SDXL): the encoder caches hold one text encoder "
-                "so far; SDXL training needs their concatenation (planned)"
-            )
         sched_file = os.path.join(root, "scheduler", "scheduler_config.json")
         if os.path.isfile(sched_file):
             with open(sched_file, encoding="utf-8") as f:
@@ -85,7 +92,8 @@ def load_base_models(
         text = load_text_encoder(os.path.join(root, "text_encoder"), dtype=dtype)
         vae = load_vae(root, dtype=dtype)
         tokenizer = open_tokenizer(root)
-        return BaseModels(module, params, text, vae, tokenizer, schedule, vae.scaling_factor)
+        return BaseModels(module, params, text, vae, tokenizer, schedule, vae.scaling_factor,
+                          **_sdxl_text(root, dtype))  # fmt: skip
 
     module = unet_module_from_config(model, dtype)
     params = None
@@ -157,6 +165,26 @@ def model_init(model: Any) -> str:
             "to train on random weights"
         )
     return init
+
+
+def _sdxl_text(root: str, dtype: Any) -> dict[str, Any]:
+    """A pipeline folder's second text encoder and tokenizer (SDXL), read as diffusers'
+    ``StableDiffusionXLPipeline`` reads them, or nothing for a one-encoder folder."""
+    if not os.path.isdir(os.path.join(root, "text_encoder_2")):
+        return {}
+    index = os.path.join(root, "model_index.json")
+    flags = {}
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            flags = json.load(f)
+    return {
+        "text_encoder_2": load_text_encoder(
+            os.path.join(root, "text_encoder_2"), dtype=dtype, with_projection=True
+        ),
+        "tokenizer_2": open_tokenizer(os.path.join(root, "tokenizer_2")),
+        # diffusers' default for an SDXL pipeline whose config does not say
+        "force_zeros_for_empty_prompt": bool(flags.get("force_zeros_for_empty_prompt", True)),
+    }
 
 
 def _prediction(config: Any) -> dict:

@@ -8,6 +8,7 @@ noise prediction like ``UNet2DConditionModel(...).sample``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -175,42 +176,12 @@ class PSAUNet:
           WeightFileError: the file is missing, empty, garbage or truncated (names the file).
           WeightMismatchError: its keys or shapes do not fit this UNet (names the file).
         """
-        path = os.fspath(path)
-        if os.path.isdir(os.path.join(path, "checkpoints")):  # a psa_jax training run
-            self._load_run_adapter(path)
-            return
-        path = _adapter_file(path)
-        state = convert.read_state_dict(path)  # WeightFileError naming a garbage/missing file
-        what = f"adapter file {path}"
-        d, t = adapter_shape(state, self.config.cross_attention_dim, what=what)
+        source = _AdapterSource.read(os.fspath(path))
         if self.user_embed_dim is None:
+            d, t = source.shape(self.config.cross_attention_dim)
             self.num_user_tokens = t
             self._set_module(d)
-        ref = abstract_variables(self.module)["adapter"]
-        self.adapter = import_adapter(state, ref, what=what)
-
-    def _load_run_adapter(self, workdir: str) -> None:
-        """The adapter of a ``psa-jax train`` run's newest checkpoint (a ``dpo`` run)."""
-        from psa_jax.core.checkpoint import restore_host_params
-
-        params, config = restore_host_params(workdir)
-        if config.get("task") != "dpo" or "user_proj" not in params:
-            raise convert.WeightFileError(
-                workdir, f"a {config.get('task')!r} run, not a PSA adapter (dpo) run"
-            )
-        d, width = np.shape(params["user_proj"]["kernel"])
-        t = width // self.config.cross_attention_dim
-        if self.user_embed_dim is None:
-            self.num_user_tokens = t
-            self._set_module(d)
-        ref = meta.unbox(abstract_variables(self.module)["adapter"])
-        want = jax.tree.map(lambda x: tuple(x.shape), ref)
-        got = jax.tree.map(lambda x: tuple(np.shape(x)), params)
-        if want != got:
-            raise convert.WeightMismatchError(
-                f"adapter of run {workdir} does not fit this UNet: {got} vs {want}"
-            )
-        self.adapter = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
+        self.adapter = source.tree(self.module)
 
     def save_adapter(self, path: str | os.PathLike, format: str = "psalign") -> str:
         """Write the adapter as ``psalign`` safetensors, or a ``diffusers-ip-adapter`` folder
@@ -242,6 +213,64 @@ class PSAUNet:
             convert.flax_to_torch(self.params, dtype),
             os.path.join(folder, f"{WEIGHTS_STEM}.safetensors"),
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class _AdapterSource:
+    """What :meth:`PSAUNet.load_adapter` reads: a run's adapter tree or a file's state dict."""
+
+    what: str  # the file or run, for errors
+    run_params: Any = None  # a dpo run's adapter tree
+    state: Any = None  # an adapter file's state dict (PSAlign or diffusers IP-Adapter)
+
+    @classmethod
+    def read(cls, path: str) -> _AdapterSource:
+        if os.path.isdir(os.path.join(path, "checkpoints")):  # a psa_jax training run
+            from psa_jax.core.checkpoint import restore_host_params
+
+            params, config = restore_host_params(path)
+            if config.get("task") != "dpo" or "user_proj" not in params:
+                raise convert.WeightFileError(
+                    path, f"a {config.get('task')!r} run, not a PSA adapter (dpo) run"
+                )
+            return cls(f"run {path}", run_params=params)
+        path = _adapter_file(path)
+        # WeightFileError naming a garbage/missing file
+        return cls(f"adapter file {path}", state=convert.read_state_dict(path))
+
+    def shape(self, cross_dim: int) -> tuple[int, int]:
+        """(profile embedding dim D, user tokens T)."""
+        if self.state is not None:
+            return adapter_shape(self.state, cross_dim, what=self.what)
+        d, width = np.shape(self.run_params["user_proj"]["kernel"])
+        return d, width // cross_dim
+
+    def tree(self, module: UNet2DConditionModel) -> dict[str, Any]:
+        """The adapter as host float32 arrays shaped like ``module``'s adapter slots."""
+        ref = meta.unbox(abstract_variables(module)["adapter"])
+        if self.state is not None:
+            self.shape(module.config.cross_attention_dim)  # a named error for a foreign file
+            return import_adapter(self.state, ref, what=self.what)
+        want = jax.tree.map(lambda x: tuple(x.shape), ref)
+        got = jax.tree.map(lambda x: tuple(np.shape(x)), self.run_params)
+        if want != got:
+            raise convert.WeightMismatchError(
+                f"adapter of {self.what} does not fit this UNet: {got} vs {want}"
+            )
+        return jax.tree.map(lambda x: np.asarray(x, np.float32), self.run_params)
+
+
+def read_adapter(path: str | os.PathLike, module: UNet2DConditionModel) -> dict[str, Any]:
+    """The adapter that :meth:`PSAUNet.load_adapter` reads from ``path`` (a PSAlign or diffusers
+    IP-Adapter file, a folder with one, or a ``dpo`` run folder), as host float32 arrays shaped
+    like ``module``'s adapter slots (``user_embed_dim``, ``num_user_tokens``, cross-attention
+    widths).
+
+    Raises:
+      WeightFileError: the file is missing or unreadable, or the run is not a dpo run.
+      WeightMismatchError: its keys or shapes do not fit ``module``'s adapter.
+    """
+    return _AdapterSource.read(os.fspath(path)).tree(module)
 
 
 def _adapter_file(path: str) -> str:

@@ -17,6 +17,12 @@ def save_png(image: np.ndarray, path: str | os.PathLike) -> str:
     return path
 
 
+def load_png(path: str | os.PathLike) -> np.ndarray:
+    """A PNG written by :func:`save_png` back as uint8 ``[H, W, 3]``."""
+    with Image.open(os.fspath(path)) as im:
+        return np.asarray(im.convert("RGB"), np.uint8)
+
+
 def labelled_grid(
     images: np.ndarray,
     row_labels: Sequence[str],

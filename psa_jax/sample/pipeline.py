@@ -4,7 +4,8 @@ A :class:`Pipeline` comes from a ``psa-jax train`` run (:meth:`Pipeline.from_run
 config rebuilds its base models, its newest checkpoint gives the adapter, or the UNet of a
 ``denoise`` run) or from a local diffusers folder plus an adapter file
 (:meth:`Pipeline.from_pretrained`: SD1.x/2.x, or SDXL with its two text encoders and its
-pooled-text + image-size conditioning, as diffusers' ``StableDiffusionXLPipeline``). Prompts are
+pooled-text + image-size conditioning, as diffusers' ``StableDiffusionXLPipeline``); such a
+folder's ``scheduler/scheduler_config.json`` is its default sampler (PNDM for SD 1.5). Prompts are
 encoded once per call; samples are generated in fixed-size chunks so one compiled loop serves any
 number of prompts (the last chunk is padded, and the padding dropped).
 """
@@ -21,11 +22,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from psa_jax.core.images import to_uint8
-from psa_jax.data.cache import encode_text
+from psa_jax.data.cache import encode_text, encode_text_pair
 from psa_jax.data.tokenizer import tokenize
 from psa_jax.sample import schedulers as sched_lib
 from psa_jax.sample.sampler import Conditioning, Sampler, sample_latents
 from psa_jax.train.restore import Run, load_run
+
+DEFAULT_SCHEDULER = "ddim"  # a call naming no scheduler, on a pipeline without a folder's
 
 
 @dataclasses.dataclass
@@ -52,6 +55,8 @@ class Pipeline:
     text_encoder_2: Any | None = None  # SDXL: CLIPTextModelWithProjection
     tokenizer_2: Any | None = None
     force_zeros_for_empty_prompt: bool = True  # SDXL only (the pipeline config's flag)
+    # The base folder's scheduler_config.json: the sampler when a call names none (None: DDIM)
+    scheduler_config: dict | None = None
 
     @classmethod
     def from_run(cls, workdir: str | os.PathLike, step: int | None = None) -> Pipeline:
@@ -64,9 +69,13 @@ class Pipeline:
     @classmethod
     def from_loaded_run(cls, run: Run, where: str = "the run") -> Pipeline:
         """:meth:`from_run` on a :func:`load_run` result (evaluation keeps the ``Run``)."""
+        from psa_jax.models.packaged import resolve
+
         models = run.models
         if models.vae is None:
             raise ValueError(f"the config of {where} has no VAE to decode samples")
+        model = run.config.model
+        folder = resolve(model.pretrained) if model.init == "pretrained" else ""
         return cls(
             models.module,
             run.unet_params,
@@ -79,6 +88,11 @@ class Pipeline:
             run.config.model.text_layer,
             models.vae.shift_factor,
             run.splits.embeddings,
+            text_encoder_2=models.text_encoder_2,  # SDXL: as the run's caches encoded its text
+            tokenizer_2=models.tokenizer_2,
+            force_zeros_for_empty_prompt=models.force_zeros_for_empty_prompt,
+            # A run on a diffusers folder samples, by default, with that folder's scheduler.
+            scheduler_config=read_scheduler_config(folder) if folder else None,
         )
 
     @classmethod
@@ -93,7 +107,8 @@ class Pipeline:
         """A local diffusers pipeline folder (``unet/``, ``text_encoder/``, ``tokenizer/``,
         ``vae/``, ``scheduler/``; SDXL adds ``text_encoder_2/`` and ``tokenizer_2/``) plus an
         optional adapter file (PSAlign, IP-Adapter export, or a run folder: anything
-        :meth:`PSAUNet.load_adapter` reads)."""
+        :meth:`PSAUNet.load_adapter` reads). The folder's scheduler config becomes
+        ``scheduler_config``: what a call without ``scheduler=`` samples with."""
         import json
 
         from psa_jax.core.diffusion import noise_schedule_from_config
@@ -125,6 +140,7 @@ class Pipeline:
         if adapter is not None:
             unet.load_adapter(adapter)
         vae = load_vae(folder, dtype=dtype)
+        scheduler_config = read_scheduler_config(folder, sdxl=bool(sdxl))
         return cls(
             unet.module,
             unet.params,
@@ -133,10 +149,11 @@ class Pipeline:
             open_tokenizer(folder),
             vae,
             vae.scaling_factor,
-            noise_schedule_from_config(read_json("scheduler", "scheduler_config.json")),
+            noise_schedule_from_config(scheduler_config or {}),
             text_layer,
             vae.shift_factor,
             **sdxl,
+            scheduler_config=scheduler_config,
         )
 
     @property
@@ -157,10 +174,8 @@ class Pipeline:
         first = ids(self.text_encoder, self.tokenizer)
         if self.text_encoder_2 is None:
             return encode_text(self.text_encoder, first, self.text_layer)
-        out = self.text_encoder(first)
-        out2 = self.text_encoder_2(ids(self.text_encoder_2, self.tokenizer_2))
-        states = jnp.concatenate([out.hidden_states[-2], out2.hidden_states[-2]], axis=-1)
-        return states, out2.text_embeds
+        second = ids(self.text_encoder_2, self.tokenizer_2)
+        return encode_text_pair(self.text_encoder, self.text_encoder_2, first, second)
 
     def encode_negative(self, negative_prompt: str) -> tuple[jax.Array, jax.Array]:
         """``[1, L, D]`` states and ``[1, D']`` pooled of the negative prompt. SDXL with
@@ -191,7 +206,7 @@ class Pipeline:
         user_embeds: np.ndarray | None = None,
         seeds: Sequence[int] | None = None,
         *,
-        scheduler: str = "ddim",
+        scheduler: str | None = None,
         steps: int = 25,
         guidance_scale: float = 7.5,
         user_scale: float | Sequence[float] = 1.0,
@@ -203,14 +218,13 @@ class Pipeline:
     ) -> np.ndarray:
         """``[N, H, W, 3]`` images, one per prompt (``user_embeds [N, D]`` row-aligned;
         ``None``: the base model). ``seeds`` default to ``0..N-1``. ``output="float"`` gives
-        float32 in [0, 1] (as diffusers' ``output_type="np"``), else uint8. With a ``mesh``
+        float32 in [0, 1] (as diffusers' ``output_type="np"``), else uint8. ``scheduler``: see
+        :meth:`sampler_schedule` (None: the folder's, else DDIM). With a ``mesh``
         (one host), each chunk of ``batch_size`` samples splits over its data axes and the
         weights are replicated. SDXL's negative branch: see :meth:`encode_negative`."""
         n = len(prompts)
         user_embeds, seeds, scales = self._check_args(n, user_embeds, seeds, user_scale, output)
-        schedule = sched_lib.make_sampler_schedule(
-            scheduler, steps, self.noise_schedule, **(scheduler_options or {})
-        )
+        schedule = self.sampler_schedule(scheduler, steps, scheduler_options)
         sampler = Sampler(self.module, float(guidance_scale))
         variables = {"params": self.params}
         if self.adapter is not None and user_embeds is not None:
@@ -240,6 +254,37 @@ class Pipeline:
             keep = min(batch_size, n - lo)
             images.append(self.decode(latents[:keep], output))
         return np.concatenate(images)
+
+    def scheduler_name(self, scheduler: str | None = None) -> str:
+        """The sampler a call with ``scheduler`` uses (see :meth:`sampler_schedule`)."""
+        if scheduler is not None:
+            return scheduler
+        if self.scheduler_config is None:
+            return DEFAULT_SCHEDULER
+        return sched_lib.scheduler_for_class(
+            self.scheduler_config.get("_class_name"), "the base folder's scheduler_config.json"
+        )
+
+    def sampler_schedule(
+        self, scheduler: str | None, steps: int, options: dict | None = None
+    ) -> sched_lib.SamplerSchedule:
+        """The tables of ``steps`` inference steps. A named ``scheduler`` takes its Stable
+        Diffusion defaults (``SCHEDULERS[name].defaults``) and this pipeline's betas and
+        prediction type; None takes ``scheduler_config`` (the folder's class and its options, as
+        diffusers' pipeline would sample; a class we do not implement is an
+        :class:`~psa_jax.sample.schedulers.UnsupportedSchedulerError` listing those we do), or
+        DDIM without one. ``options`` override either."""
+        options = dict(options or {})
+        if scheduler is not None or self.scheduler_config is None:
+            name = self.scheduler_name(scheduler)
+            return sched_lib.make_sampler_schedule(name, steps, self.noise_schedule, **options)
+        return sched_lib.from_diffusers_config(
+            self.scheduler_config,
+            steps,
+            self.scheduler_name(None),
+            noise_schedule=self.noise_schedule,
+            **options,
+        )
 
     def _check_args(
         self,
@@ -303,6 +348,29 @@ class Pipeline:
         images = np.asarray(self.vae.decode(z), np.float32)  # NCHW in [-1, 1]
         unit = np.transpose(np.clip(images / 2 + 0.5, 0.0, 1.0), (0, 2, 3, 1))
         return unit if output == "float" else to_uint8(unit)
+
+
+def read_scheduler_config(folder: str | os.PathLike, *, sdxl: bool | None = None) -> dict | None:
+    """A diffusers folder's ``scheduler/scheduler_config.json`` (None without one), with the
+    fixes ``StableDiffusionPipeline`` applies to old SD 1.x/2.x configs (``steps_offset=1``,
+    ``clip_sample=False``); SDXL's pipeline (``sdxl``; None: the folder has
+    ``text_encoder_2/``) applies none."""
+    import json
+
+    folder = os.fspath(folder)
+    path = os.path.join(folder, "scheduler", "scheduler_config.json")
+    if not os.path.isfile(path):
+        return None
+    if sdxl is None:
+        sdxl = os.path.isdir(os.path.join(folder, "text_encoder_2"))
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    if not sdxl:
+        if config.get("steps_offset", 1) != 1:
+            config["steps_offset"] = 1
+        if config.get("clip_sample", False) is True:
+            config["clip_sample"] = False
+    return config
 
 
 def _mesh_shardings(mesh: Any, batch_size: int) -> tuple[Any, Any]:

@@ -5,6 +5,7 @@ prompt across users), and writing them."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -199,9 +200,13 @@ def plan_images(rows: list[dict[str, str]], users: str | None, seed: int) -> lis
 
 
 def sample_to_folder(pipeline: Any, plan: list[dict[str, Any]], out: str, **kw) -> list[dict]:
-    """Generate ``plan`` (users first grouped: base rows run without the adapter) into ``out``."""
+    """Generate ``plan`` (users first grouped: base rows run without the adapter) into ``out``.
+    Each record holds ``kw`` with the scheduler actually used (``scheduler=None``: the folder's)."""
     from psa_jax.sample.images import save_png
 
+    settings = dict(kw)
+    if "scheduler" in kw and kw["scheduler"] is None:
+        settings["scheduler"] = pipeline.scheduler_name(None)
     records = []
     for with_user in (False, True):
         part = [p for p in plan if (p["user"] is not None) == with_user]
@@ -214,7 +219,7 @@ def sample_to_folder(pipeline: Any, plan: list[dict[str, Any]], out: str, **kw) 
         for p, image in zip(part, images):
             save_png(image, os.path.join(out, p["file"]))
             p["image"] = image
-            records.append({k: p[k] for k in ("file", "caption", "user", "seed")} | kw)
+            records.append({k: p[k] for k in ("file", "caption", "user", "seed")} | settings)
     return records
 
 
@@ -243,3 +248,44 @@ def with_adapter(pipeline: Any, path: str) -> Any:
     unet = PSAUNet(pipeline.module.config, pipeline.params)
     unet.load_adapter(path)
     return dataclasses.replace(pipeline, module=unet.module, adapter=unet.adapter)
+
+
+# -- many processes: each draws a shard of the plan, process 0 merges -------------------------
+
+
+def shard_plan(plan: list[dict[str, Any]], index: int, count: int) -> list[dict[str, Any]]:
+    """Process ``index`` of ``count``'s share of the plan: every ``count``-th image from
+    ``index`` (balanced, and each image in exactly one shard)."""
+    if not 0 <= index < count:
+        raise ValueError(f"process index {index} not in 0..{count - 1}")
+    return plan[index::count]
+
+
+def shard_folder(out: str, index: int, count: int) -> str:
+    """Where process ``index`` writes its shard before process 0 merges it into ``out``."""
+    return f"{os.path.abspath(out)}.shard-{index}-of-{count}"
+
+
+def merge_shards(out_tmp: str, shards: list[str]) -> list[dict]:
+    """Move every shard's images into ``out_tmp`` and return their ``samples.jsonl`` records
+    (shard order); an image named by two shards, or a shard without its records, is an
+    error. The shard folders are removed."""
+    import shutil
+
+    records, seen = [], set()
+    for shard in shards:
+        path = os.path.join(shard, "samples.jsonl")
+        if not os.path.isfile(path):
+            raise SampleInputError(f"{shard} has no samples.jsonl: its process did not finish")
+        with open(path, encoding="utf-8") as f:
+            part = [json.loads(line) for line in f if line.strip()]
+        for r in part:
+            if r["file"] in seen:
+                raise SampleInputError(f"{r['file']} was drawn by two processes")
+            seen.add(r["file"])
+            dest = os.path.join(out_tmp, r["file"])
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            os.replace(os.path.join(shard, r["file"]), dest)
+        records.extend(part)
+        shutil.rmtree(shard)
+    return records

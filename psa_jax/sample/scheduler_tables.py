@@ -187,3 +187,81 @@ def dpm_tables(acp: np.ndarray, n: int, o: Mapping[str, Any]):
         "c_r": np.where(second, c_r, _f32(0)),
     }
     return ts.astype(np.int32), tables, _f32(1), {}
+
+
+def _pndm_calls(asc: np.ndarray, T: int, n: int, skip_prk: bool):
+    """PNDM's model-call timesteps and, per call, the timestep its update is taken at, the
+    previous timestep it goes to, and its counter (diffusers' ``self.counter``)."""
+    ratio = T // n
+    if skip_prk:  # PLMS: the first timestep twice (a second-order start), then one call a step
+        ts = np.concatenate([asc[:-1], asc[-2:-1], asc[-1:]])[::-1]
+        eff, prev = ts.copy(), ts - ratio
+        if len(ts) > 1:  # counter 1 redoes step 0's interval with the averaged output
+            eff[1], prev[1] = ts[1] + ratio, ts[1]
+        return ts, eff, prev
+    if n < 4:
+        raise ValueError(
+            f"PNDM's Runge-Kutta warm-up (skip_prk_steps=False) needs num_inference_steps >= 4, "
+            f"got {n}; set skip_prk_steps=True (PLMS)"
+        )
+    half = ratio // 2
+    prk = np.asarray(asc[-4:]).repeat(2) + np.tile(np.array([0, half]), 4)
+    prk = prk[:-1].repeat(2)[1:-1][::-1]
+    plms = asc[:-3][::-1]
+    counters = np.arange(len(prk))
+    eff = np.concatenate([prk[counters // 4 * 4], plms])
+    prev = np.concatenate([prk - np.where(counters % 2, 0, half), plms - ratio])
+    return np.concatenate([prk, plms]), eff, prev
+
+
+def _pndm_program(n_calls: int, skip_prk: bool) -> dict[str, np.ndarray]:
+    """Per call, how :func:`psa_jax.sample.schedulers._pndm_step` combines model outputs:
+    ``kind`` (0 the output itself, 1 its mean with the stored one, 2-4 Adams-Bashforth of that
+    order over the history, 5 the Runge-Kutta sum), whether the output joins the history
+    (``push``), the sample is remembered (``set_cur``) or the remembered one is stepped from
+    (``use_cur``), and the Runge-Kutta accumulator's weight (``acc_w``) and reset."""
+    c = np.arange(n_calls)
+    if skip_prk:
+        kind = np.select([c == 0, c == 1, c == 2, c == 3], [0, 1, 2, 3], 4)
+        return {
+            "kind": kind,
+            "push": c != 1,
+            "set_cur": c == 0,
+            "use_cur": c == 1,
+            "acc_w": np.zeros(n_calls),
+            "acc_reset": np.zeros(n_calls),
+        }
+    prk, r = c < 12, c % 4
+    return {
+        "kind": np.where(prk, np.where(r == 3, 5, 0), 4),
+        "push": ~prk | (r == 0),
+        "set_cur": prk & (r == 0),
+        "use_cur": prk,
+        "acc_w": np.where(prk & (r == 0), 1 / 6, np.where(prk & (r < 3), 1 / 3, 0)),
+        "acc_reset": prk & (r == 3),
+    }
+
+
+def pndm_tables(acp: np.ndarray, n: int, o: Mapping[str, Any]):
+    """``PNDMScheduler``: PLMS (``skip_prk_steps``, Stable Diffusion's) makes n + 1 model calls,
+    the Runge-Kutta warm-up 12 calls over the last 4 timesteps and then n - 3 PLMS calls.
+    Its ``set_timesteps`` spaces ascending: our descending spacing reversed."""
+    T = len(acp)
+    asc = _spaced(o["timestep_spacing"], T, n, o["steps_offset"])[::-1]
+    _check_timesteps(asc, T)
+    skip_prk = bool(o["skip_prk_steps"])
+    ts, eff, prev = _pndm_calls(asc, T, n, skip_prk)
+    _check_timesteps(eff, T)
+    final = _f32(1) if o["set_alpha_to_one"] else acp[0]
+    a_t = acp[eff]
+    a_prev = np.where(prev >= 0, acp[np.clip(prev, 0, T - 1)], final)
+    b_t, b_prev = 1 - a_t, 1 - a_prev
+    tables = {
+        "sqrt_a": np.sqrt(a_t),  # v-prediction -> epsilon
+        "sqrt_b": np.sqrt(b_t),
+        "c_sample": np.sqrt(a_prev / a_t),
+        "c_num": a_prev - a_t,
+        "denom": a_t * np.sqrt(b_prev) + np.sqrt(a_t * b_t * a_prev),
+        **_pndm_program(len(ts), skip_prk),
+    }
+    return ts.astype(np.int32), tables, _f32(1), {}

@@ -1,8 +1,11 @@
 """Sampling schedulers in pure JAX, equal to diffusers 0.42.1 in float32.
 
-Four samplers, named as in :data:`SCHEDULERS`: ``"ddpm"`` (``DDPMScheduler``), ``"ddim"``
-(``DDIMScheduler``), ``"euler"`` (``EulerDiscreteScheduler``) and ``"dpmpp_2m"``
-(``DPMSolverMultistepScheduler`` with ``algorithm_type="dpmsolver++"``, midpoint solver).
+Five samplers, named as in :data:`SCHEDULERS`: ``"ddpm"`` (``DDPMScheduler``), ``"ddim"``
+(``DDIMScheduler``), ``"euler"`` (``EulerDiscreteScheduler``), ``"dpmpp_2m"``
+(``DPMSolverMultistepScheduler`` with ``algorithm_type="dpmsolver++"``, midpoint solver) and
+``"pndm"`` (``PNDMScheduler``: PLMS with ``skip_prk_steps``, as Stable Diffusion 1.x ships it,
+or with its Runge-Kutta warm-up). A schedule's ``timesteps`` are its model calls: PLMS makes
+``n + 1`` of them for ``n`` inference steps (the first timestep twice), the warm-up ``n + 9``.
 
 Everything that depends only on the step index -- timesteps, sigmas, every scalar coefficient --
 is computed once on the host with numpy in float32, in diffusers' operation order, and stored as
@@ -20,10 +23,11 @@ whole loops drift apart as any two float32 implementations do (``tests/test_sche
 
 Option defaults are what ``<Scheduler>.from_config(sd15_scheduler_config)`` gives -- diffusers'
 class defaults overridden by Stable Diffusion 1.x's ``scheduler_config.json`` (``steps_offset=1``,
-``clip_sample=False``, ``set_alpha_to_one=False``) -- matching ``make_noise_schedule``'s SD
-defaults. Left out: thresholding, Karras/exponential/beta/Lu/flow sigmas, Euler's stochastic
-churn (``s_churn``, always 0: Euler here is deterministic), DDIM's ``use_clipped_model_output``,
-learned variances, third-order and SDE DPM-Solver, custom timestep lists.
+``clip_sample=False``, ``set_alpha_to_one=False``, PNDM's ``skip_prk_steps=True``) -- matching
+``make_noise_schedule``'s SD defaults. Left out: thresholding, Karras/exponential/beta/Lu/flow
+sigmas, Euler's stochastic churn (``s_churn``, always 0: Euler here is deterministic), DDIM's
+``use_clipped_model_output``, learned variances, third-order and SDE DPM-Solver, custom timestep
+lists.
 """
 
 from __future__ import annotations
@@ -38,7 +42,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from psa_jax.core.diffusion import NoiseSchedule, make_noise_schedule, noise_schedule_from_config
-from psa_jax.sample.scheduler_tables import ddim_tables, ddpm_tables, dpm_tables, euler_tables
+from psa_jax.core.errors import PsaJaxError
+from psa_jax.sample.scheduler_tables import (
+    ddim_tables,
+    ddpm_tables,
+    dpm_tables,
+    euler_tables,
+    pndm_tables,
+)
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -62,14 +73,21 @@ class SamplerSchedule:
 
     @property
     def num_inference_steps(self) -> int:
+        """The number of model calls (PNDM: more than the inference steps it was made for)."""
         return self.timesteps.shape[0]
 
 
 @flax.struct.dataclass
 class SamplerState:
-    """What a step carries to the next: DPM-Solver++'s previous x0 prediction, else nothing."""
+    """What a step carries to the next: DPM-Solver++'s previous x0 prediction; PNDM's last 4
+    stored model outputs (``ets [4, *shape]``, newest last), the sample its PLMS start or
+    Runge-Kutta step leaves from (``cur_sample``) and its Runge-Kutta sum (``acc``); else
+    nothing."""
 
     prev_x0: jax.Array | None = None
+    ets: jax.Array | None = None
+    cur_sample: jax.Array | None = None
+    acc: jax.Array | None = None
 
 
 def _x0_from(pred: str, mo: jax.Array, sample: jax.Array, a, b) -> jax.Array:
@@ -129,14 +147,57 @@ def _dpm_step(s, state, c, mo, sample, noise):
     return prev, SamplerState(prev_x0=x0)
 
 
+def _pndm_output(kind, mo, prev_ets, ets, acc):
+    """PNDM's model output for the update, in diffusers' operation order (see ``_pndm_program``
+    in :mod:`psa_jax.sample.scheduler_tables` for the kinds)."""
+    e1, e2, e3, e4 = ets[-1], ets[-2], ets[-3], ets[-4]
+    branches = [
+        lambda: mo,
+        lambda: (mo + prev_ets[-1]) / 2,
+        lambda: (3 * e1 - e2) / 2,
+        lambda: (23 * e1 - 16 * e2 + 5 * e3) / 12,
+        lambda: (1 / 24) * (55 * e1 - 59 * e2 + 37 * e3 - 9 * e4),
+        lambda: acc + 1 / 6 * mo,
+    ]
+    return jax.lax.switch(kind, branches)
+
+
+def _pndm_step(s, state, c, mo, sample, noise):
+    del noise
+    on = lambda flag: flag > 0.5  # noqa: E731  (0/1 flags in float32 tables)
+    ets = jnp.where(on(c["push"]), jnp.concatenate([state.ets[1:], mo[None]]), state.ets)
+    cur = jnp.where(on(c["set_cur"]), sample, state.cur_sample)
+    x = jnp.where(on(c["use_cur"]), cur, sample)
+    out = _pndm_output(c["kind"].astype(jnp.int32), mo, state.ets, ets, state.acc)
+    acc = jnp.where(on(c["acc_reset"]), 0.0, state.acc + c["acc_w"] * mo)
+    if s.prediction_type == "v_prediction":
+        out = c["sqrt_a"] * out + c["sqrt_b"] * x
+    prev = c["c_sample"] * x - (c["c_num"] * out) / c["denom"]
+    return prev, SamplerState(ets=ets, cur_sample=cur, acc=acc)
+
+
+def _dpm_init(sample: jax.Array) -> SamplerState:
+    return SamplerState(prev_x0=jnp.zeros(sample.shape, jnp.float32))
+
+
+def _pndm_init(sample: jax.Array) -> SamplerState:
+    zeros = jnp.zeros(sample.shape, jnp.float32)
+    return SamplerState(ets=jnp.zeros((4, *sample.shape), jnp.float32), cur_sample=zeros, acc=zeros)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Sampler:
     build: Callable
     step: Callable
     defaults: Mapping[str, Any]  # accepted options -> default (SD 1.x from_config)
     unsupported: Mapping[str, Any]  # diffusers config keys we accept only at these values
-    has_state: bool = False
+    init: Callable[[jax.Array], SamplerState] | None = None  # None: a stateless sampler
     scales_input: bool = False
+    predictions: tuple[str, ...] = PREDICTION_TYPES
+
+    @property
+    def has_state(self) -> bool:
+        return self.init is not None
 
 
 _COMMON = {"timestep_spacing": "leading", "steps_offset": 1}
@@ -190,7 +251,15 @@ SCHEDULERS: dict[str, _Sampler] = {
             "variance_type": None,
             "use_dynamic_shifting": False,
         },
-        has_state=True,
+        init=_dpm_init,
+    ),
+    "pndm": _Sampler(
+        pndm_tables,
+        _pndm_step,
+        {**_COMMON, "skip_prk_steps": True, "set_alpha_to_one": False},
+        {},
+        init=_pndm_init,
+        predictions=("epsilon", "v_prediction"),
     ),
 }
 
@@ -199,7 +268,13 @@ DIFFUSERS_CLASS_NAMES = {
     "DDIMScheduler": "ddim",
     "EulerDiscreteScheduler": "euler",
     "DPMSolverMultistepScheduler": "dpmpp_2m",
+    "PNDMScheduler": "pndm",
 }
+
+
+class UnsupportedSchedulerError(PsaJaxError, ValueError):
+    """A diffusers scheduler class (a folder's ``scheduler_config.json``) with no sampler here;
+    the message lists the classes that have one."""
 
 
 def _sampler(name: str) -> _Sampler:
@@ -232,8 +307,10 @@ def make_sampler_schedule(
     elif not isinstance(noise_schedule, NoiseSchedule):
         noise_schedule = noise_schedule_from_config(noise_schedule)
     pred = noise_schedule.prediction_type
-    if pred not in PREDICTION_TYPES:
-        raise ValueError(f"unsupported prediction_type {pred!r}; choose from {PREDICTION_TYPES}")
+    if pred not in spec.predictions:
+        raise ValueError(
+            f"unsupported prediction_type {pred!r} for {name!r}; choose from {spec.predictions}"
+        )
     acp = np.asarray(noise_schedule.alphas_cumprod, np.float32)
     n = int(num_inference_steps)
     if not 1 <= n <= len(acp):
@@ -254,31 +331,44 @@ def make_sampler_schedule(
     )
 
 
+def scheduler_for_class(class_name: str | None, where: str = "the scheduler config") -> str:
+    """Our sampler for a diffusers scheduler class name, or :class:`UnsupportedSchedulerError`
+    naming it, ``where`` it came from and every class we sample with."""
+    if class_name not in DIFFUSERS_CLASS_NAMES:
+        supported = ", ".join(f"{k} ({v})" for k, v in DIFFUSERS_CLASS_NAMES.items())
+        raise UnsupportedSchedulerError(
+            f"{where}: no sampler for scheduler class {class_name!r}; supported: {supported}. "
+            f"Name one explicitly (scheduler= / --scheduler, one of {sorted(SCHEDULERS)})"
+        )
+    return DIFFUSERS_CLASS_NAMES[class_name]
+
+
 def from_diffusers_config(
-    config: Mapping, num_inference_steps: int, name: str | None = None, **options: Any
+    config: Mapping,
+    num_inference_steps: int,
+    name: str | None = None,
+    *,
+    noise_schedule: NoiseSchedule | None = None,
+    **options: Any,
 ) -> SamplerSchedule:
     """Schedule from a diffusers ``scheduler_config.json`` dict, as ``from_config`` would build.
 
-    ``name`` defaults to the one of ``config["_class_name"]``; pass it to switch samplers (SD's
-    folders ship a PNDM config). Keys the sampler does not use are ignored; keys selecting a
-    variant not implemented here (``thresholding``, Karras sigmas, ...) raise unless at their
-    default. ``options`` override the config.
+    ``name`` defaults to the one of ``config["_class_name"]`` (an unknown class is an
+    :class:`UnsupportedSchedulerError`); pass it to switch samplers. Keys the sampler does not
+    use are ignored; keys selecting a variant not implemented here (``thresholding``, Karras
+    sigmas, ...) raise unless at their default. ``options`` override the config;
+    ``noise_schedule`` replaces the config's betas and prediction type (a run's own).
     """
     if name is None:
-        cls = config.get("_class_name")
-        if cls not in DIFFUSERS_CLASS_NAMES:
-            raise ValueError(
-                f"no sampler for _class_name {cls!r}; pass name= one of {sorted(SCHEDULERS)}"
-            )
-        name = DIFFUSERS_CLASS_NAMES[cls]
+        name = scheduler_for_class(config.get("_class_name"))
     spec = _sampler(name)
     for key, ok in spec.unsupported.items():
         if key in config and config[key] != ok and not (ok is False and config[key] is None):
             raise ValueError(f"{key}={config[key]!r} is not supported by {name!r} (only {ok!r})")
     picked = {k: config[k] for k in spec.defaults if config.get(k) is not None}
-    return make_sampler_schedule(
-        name, num_inference_steps, noise_schedule_from_config(config), **{**picked, **options}
-    )
+    if noise_schedule is None:
+        noise_schedule = noise_schedule_from_config(config)
+    return make_sampler_schedule(name, num_inference_steps, noise_schedule, **{**picked, **options})
 
 
 def init_noise_sigma(schedule: SamplerSchedule) -> jax.Array:
@@ -287,10 +377,9 @@ def init_noise_sigma(schedule: SamplerSchedule) -> jax.Array:
 
 
 def init_state(schedule: SamplerSchedule, sample: jax.Array) -> SamplerState:
-    """The state before step 0 (zeros for DPM-Solver++, unused by its first-order step 0)."""
-    if SCHEDULERS[schedule.name].has_state:
-        return SamplerState(prev_x0=jnp.zeros(sample.shape, jnp.float32))
-    return SamplerState()
+    """The state before step 0: zeros for DPM-Solver++ and PNDM (never read before written)."""
+    init = SCHEDULERS[schedule.name].init
+    return SamplerState() if init is None else init(sample)
 
 
 def scale_model_input(schedule: SamplerSchedule, sample: jax.Array, i) -> jax.Array:

@@ -194,10 +194,11 @@ class BenignTask:
     schedule: noise_lib.NoiseSchedule
     profile: Profile
     scaling_factor: float
+    shift_factor: float = 0.0  # the VAE's, as in training and decoding
 
     def loss(self, trainable: Any, frozen: Any, batch: Mapping[str, jax.Array], rng: jax.Array):
         r_x, r_noise, r_drop = jax.random.split(rng, 3)
-        x0 = clean_latents(batch, "image", r_x, self.scaling_factor)
+        x0 = clean_latents(batch, "image", r_x, self.scaling_factor, self.shift_factor)
         noisy, t, target = _noised(self.schedule, x0, r_noise)
         ctx = batch["text_states"]
         if self.profile.kind == "lora":
@@ -230,10 +231,12 @@ def finetune(
     text_states: np.ndarray,
     config: Mapping,
     *,
+    shift_factor: float = 0.0,
     progress: bool = True,
 ) -> FinetuneResult:
     """Fine-tune ``params`` per ``config`` (see :func:`finetune_config`) on NHWC VAE
-    ``image_moments [N, h, w, 2C]`` with their ``text_states [N, L, D]``.
+    ``image_moments [N, h, w, 2C]`` with their ``text_states [N, L, D]`` (latents
+    ``(z - shift_factor) * scaling_factor``, the VAE's two factors).
 
     Batches are drawn without replacement within each pass over the data (a fresh permutation
     per pass, from ``config.seed``); a dataset smaller than the batch is an error.
@@ -248,7 +251,7 @@ def finetune(
     trainable = init_trainable(params, profile, jax.random.key(seed))
     optimizer = make_optimizer(config["optim"])
     state = init_state(trainable, optimizer, seed)
-    task = BenignTask(module, schedule, profile, float(scaling_factor))
+    task = BenignTask(module, schedule, profile, float(scaling_factor), float(shift_factor))
     step = jax.jit(make_train_step(task.loss, optimizer), donate_argnums=0)
     frozen = jax.tree.map(jnp.asarray, params)
     order = np.random.default_rng(seed)

@@ -4,6 +4,7 @@ or an unknown task fails in milliseconds naming the key, not after minutes of se
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import numpy as np
@@ -49,7 +50,8 @@ def check_config(config: Any) -> None:
     """Raise :class:`ConfigValueError` naming the first key whose value cannot train: the task,
     the loop's counts (``train.steps``, ``batch_size``, ``accum_steps``, ``checkpoint_every``
     >= 1; ``eval_every`` >= 0; ``keep_checkpoints`` None or >= 1; the eval sizes >= 1 when it
-    evaluates), the loss weights, and the ``optim`` section (``learning_rate`` > 0, known
+    evaluates), the loss weights, ``model.init_adapter`` (an existing file or folder, task
+    ``dpo`` only), and the ``optim`` section (``learning_rate`` > 0, known
     optimizer and schedule, a schedule that can be built). Reads the config only: milliseconds,
     before any model, data or folder."""
     task = _value(config, "task")
@@ -70,6 +72,7 @@ def check_config(config: Any) -> None:
     if task == "vae":
         _check_number(config, "train.vae_kl_weight", 0.0, above=False)
     _check_unsafe_weights(config, task)
+    _check_init_adapter(config, task)
     _check_number(config, "optim.learning_rate", 0.0, above=True)
     for key, known in (("name", OPTIMIZERS), ("schedule", SCHEDULES)):
         if _value(config, f"optim.{key}") not in known:
@@ -84,8 +87,8 @@ def check_config(config: Any) -> None:
 
 def _check_unsafe_weights(config: Any, task: str) -> None:
     """``train.unsafe_weights``: known category names to finite weights >= 0, only for
-    ``task=denoise`` (no other loss reads them), and users whose bans say which image of a
-    pair is unsafe (the toy world's, or ``data.users_csv``)."""
+    ``task=denoise`` (no other loss reads them) on Sage-mini (whose pairs' unsafe image follows
+    from the user's bans)."""
     weights = _value(config, "train.unsafe_weights")
     if not hasattr(weights, "items"):
         raise ConfigValueError(f"train.unsafe_weights={weights!r}: must be a mapping "
@@ -100,6 +103,25 @@ def _check_unsafe_weights(config: Any, task: str) -> None:
             raise ConfigValueError(f"train.unsafe_weights: unknown category {name!r}; "
                                    f"categories: {list(CATEGORIES)}")  # fmt: skip
         _check_number(config, f"train.unsafe_weights.{name}", 0.0, above=False)
-    if config.data.source != "toy" and not config.data.users_csv:
-        raise ConfigValueError("train.unsafe_weights needs the users' banned categories (which "
-                               "image of a pair is unsafe): set data.users_csv")  # fmt: skip
+    if config.data.source != "toy":
+        raise ConfigValueError(
+            "train.unsafe_weights needs to know which image of each pair is the unsafe one: "
+            "Sage-mini's pairs say it through their user's bans (data.source='toy'); real SAGE "
+            "records do not (their safe-caption records choose the safe image for every user)"
+        )
+
+
+def _check_init_adapter(config: Any, task: str) -> None:
+    """``model.init_adapter``: ``""``, or (task ``dpo`` only) an adapter file or a folder (one
+    adapter file, or a dpo run) that exists; its contents are read when the task is built."""
+    path = _value(config, "model.init_adapter")
+    if not isinstance(path, str):
+        raise ConfigValueError(f"model.init_adapter={path!r}: must be a path or ''")
+    if not path:
+        return
+    if task != "dpo":
+        raise ConfigValueError(f"model.init_adapter is set but task={task!r} does not read it "
+                               "(only task=dpo starts from an adapter)")  # fmt: skip
+    if not os.path.exists(os.path.expanduser(path)):
+        raise ConfigValueError(f"model.init_adapter={path!r}: no such file or folder (an "
+                               "adapter file, or a dpo run folder)")  # fmt: skip

@@ -50,15 +50,19 @@ class TrainState:
     rng: jax.Array  # uint32[2] raw key; each step folds in ``step``
 
 
-def clean_latents(batch: Batch, key: str, rng: jax.Array, scaling_factor: float) -> jax.Array:
-    """``[B, h, w, C]`` training latents of ``batch[key + "_moments"]`` (sampled from the VAE
-    posterior and scaled), or the pixels ``batch[key]`` themselves for pixel-space models."""
+def clean_latents(
+    batch: Batch, key: str, rng: jax.Array, scaling_factor: float, shift_factor: float = 0.0
+) -> jax.Array:
+    """``[B, h, w, C]`` training latents of ``batch[key + "_moments"]``: ``z`` sampled from the
+    VAE posterior, then ``(z - shift_factor) * scaling_factor`` (what the sampler's decode
+    inverts: ``z = latents / scaling_factor + shift_factor``); or the pixels ``batch[key]``
+    themselves for pixel-space models."""
     moments = batch.get(f"{key}_moments")
     if moments is None:
         return batch[key].astype(jnp.float32)
     mean, logvar = jnp.split(moments.astype(jnp.float32), 2, axis=-1)
     z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, jnp.float32)
-    return z * scaling_factor
+    return (z - shift_factor) * scaling_factor
 
 
 def _noised(schedule: noise_lib.NoiseSchedule, x0: jax.Array, rng: jax.Array, pairs: int = 1):
@@ -88,12 +92,13 @@ class DPOTask:
     beta: float = 5000.0
     scaling_factor: float = 0.18215
     chosen_weight: float = 0.0  # > 0: keep the chosen image's MSE near the reference's
+    shift_factor: float = 0.0  # the VAE's (SD3/Flux-style VAEs; 0 for SD1.x/SDXL)
 
     def _predictions(self, adapter: Any, frozen: Any, batch: Batch, rng: jax.Array):
         """Policy and reference predictions for ``[chosen; rejected]`` and their target."""
         r_w, r_l, r_noise = jax.random.split(rng, 3)
-        lat_w = clean_latents(batch, "chosen", r_w, self.scaling_factor)
-        lat_l = clean_latents(batch, "rejected", r_l, self.scaling_factor)
+        lat_w = clean_latents(batch, "chosen", r_w, self.scaling_factor, self.shift_factor)
+        lat_l = clean_latents(batch, "rejected", r_l, self.scaling_factor, self.shift_factor)
         b = lat_w.shape[0]
         noisy, tt, target = _noised(self.schedule, jnp.concatenate([lat_w, lat_l]), r_noise, 2)
         ctx = jnp.concatenate([batch["text_states"]] * 2)
@@ -138,6 +143,7 @@ class DenoiseTask:
     image_key: str = "chosen"
     scaling_factor: float = 0.18215
     snr_gamma: float = 0.0  # > 0: Min-SNR-gamma loss weights (Hang et al. 2023); 0: plain MSE
+    shift_factor: float = 0.0  # the VAE's (SD3/Flux-style VAEs; 0 for SD1.x/SDXL)
 
     def __post_init__(self):
         if self.snr_gamma < 0:
@@ -152,7 +158,8 @@ class DenoiseTask:
         r_x, r_noise = jax.random.split(rng)
         keys = denoise_image_keys(self.image_key)
         x0 = jnp.concatenate([
-            clean_latents(batch, k, jax.random.fold_in(r_x, i), self.scaling_factor)
+            clean_latents(batch, k, jax.random.fold_in(r_x, i), self.scaling_factor,
+                          self.shift_factor)
             for i, k in enumerate(keys)
         ])  # fmt: skip
         noisy, t, target = _noised(self.schedule, x0, r_noise)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -15,7 +16,8 @@ from psa_jax.data import prepare, profiles
 from psa_jax.data.loader import lookup_embeddings
 from psa_jax.models import loading
 from psa_jax.models.adapter import PROJ_INITS, standardize_projection
-from psa_jax.models.psa_unet import _adapter_init, abstract_variables
+from psa_jax.models.convert import WeightFileError, WeightMismatchError
+from psa_jax.models.psa_unet import _adapter_init, abstract_variables, read_adapter
 from psa_jax.train import lora as lora_lib
 from psa_jax.train.step import DenoiseTask, DPOTask, VAETask, unsafe_loss_weights
 
@@ -40,14 +42,20 @@ def build_task(
 
     ``user_embeds`` ``[N, D]``: the training users' profile embeddings, needed by a DPO run
     whose ``model.adapter.proj_init`` is ``"standardized"`` (see ``standardize_projection``).
+    ``model.init_adapter`` (task ``dpo``, not ``""``): the adapter starts as that file or run
+    holds it (:func:`start_adapter`), projection included; ``proj_init`` is then not applied.
     ``resuming``: a checkpoint replaces the initial trainable values, so that initialisation
-    (and its embeddings) is skipped; shapes and boxes are unchanged.
+    (and its embeddings, and ``init_adapter``'s file) is skipped; shapes and boxes are unchanged.
     """
     train = config.train
     module, params = models.module, models.unet_params
     if config.task == "dpo":
         task = DPOTask(module, models.schedule, float(train.beta), models.scaling_factor,
-                       float(train.dpo_chosen_weight))  # fmt: skip
+                       float(train.dpo_chosen_weight), models.shift_factor)  # fmt: skip
+        frozen_boxes = abstract_variables(module)["params"]
+        if config.model.init_adapter and not resuming:
+            boxed = abstract_variables(module)["adapter"]
+            return Setup(task, start_adapter(config, module), boxed, params, frozen_boxes)
         rng = jax.random.key(int(config.model.init_seed) + 3)
         boxed = _adapter_init(module)(params, rng)
         adapter = meta.unbox(boxed)
@@ -56,7 +64,6 @@ def build_task(
                 raise ValueError("proj_init='standardized' needs the training users' embeddings")
             proj = standardize_projection(adapter["user_proj"], user_embeds)
             adapter = {**adapter, "user_proj": jax.tree.map(np.asarray, proj)}
-        frozen_boxes = abstract_variables(module)["params"]
         return Setup(task, adapter, boxed, params, frozen_boxes)
     if config.task == "denoise":
         target = train.denoise_target
@@ -69,6 +76,7 @@ def build_task(
             train.image_key,
             models.scaling_factor,
             float(train.snr_gamma),
+            models.shift_factor,
         )
         boxes = abstract_variables(module)["params"]
         if target == "unet":
@@ -85,6 +93,31 @@ def build_task(
     raise ValueError(f"unknown task {config.task!r}; tasks: {TASKS}")
 
 
+def start_adapter(config: Any, module: Any) -> dict[str, Any]:
+    """The adapter ``model.init_adapter`` names (a PSAlign or diffusers IP-Adapter file, a
+    folder with one, or a ``dpo`` run folder: what ``PSAUNet.load_adapter`` reads), as host
+    float32 arrays in ``module``'s adapter tree.
+
+    Raises:
+      ModelInitError: the file cannot be read, or its shapes do not fit the config's adapter
+        (``model.adapter.user_embed_dim``, ``num_user_tokens``, the UNet's cross-attention).
+    """
+    path = os.path.expanduser(config.model.init_adapter)
+    try:
+        return read_adapter(path, module)
+    except WeightFileError as e:
+        raise loading.ModelInitError(f"model.init_adapter={path!r}: {e}") from e
+    except WeightMismatchError as e:
+        adapter = config.model.adapter
+        detail = "; ".join(line.strip() for line in str(e).splitlines())
+        raise loading.ModelInitError(
+            f"model.init_adapter={path!r} does not fit the config's adapter "
+            f"(model.adapter.user_embed_dim={adapter.user_embed_dim}, "
+            f"num_user_tokens={adapter.num_user_tokens}, cross_attention_dim="
+            f"{module.config.cross_attention_dim}): {detail}"
+        ) from e
+
+
 def _proj_init(config: Any) -> str:
     """``model.adapter.proj_init`` checked against PROJ_INITS."""
     proj_init = config.model.adapter.proj_init
@@ -95,9 +128,9 @@ def _proj_init(config: Any) -> str:
 
 def training_user_embeds(config: Any, splits: prepare.Splits, loader: Any) -> np.ndarray | None:
     """``[N, D]`` embeddings of the users in ``loader``'s split when the adapter's projection is
-    initialised from them (``proj_init="standardized"``), else None. Only training users: a
-    held-out user must not shape the initialisation."""
-    if config.task != "dpo" or _proj_init(config) != "standardized":
+    initialised from them (``proj_init="standardized"`` and no ``model.init_adapter``), else
+    None. Only training users: a held-out user must not shape the initialisation."""
+    if config.task != "dpo" or config.model.init_adapter or _proj_init(config) != "standardized":
         return None
     return lookup_embeddings(loader.user_ids(), splits.embeddings)
 

@@ -5,7 +5,8 @@ Before anything is built, :func:`check_config` checks the loop and optimizer val
 no workdir is made).
 
 Resume order: the newest complete checkpoint in ``workdir`` (state, data position, nothing else
-needed) -> a fresh start from the config (frozen base per :mod:`psa_jax.models.loading`). A
+needed) -> a fresh start from the config (frozen base per :mod:`psa_jax.models.loading`; a
+``dpo`` run's adapter from ``model.init_adapter`` when set, else freshly initialised). A
 newest step that cannot be read stops the run with a
 :class:`~psa_jax.core.checkpoint.CheckpointError` naming it; ``restore_step=N`` resumes from
 step N, ``fallback_on_corrupt`` from the newest readable step. The steps above the one resumed
