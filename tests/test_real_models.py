@@ -353,3 +353,39 @@ def test_dpo_step_loss_equals_a_pytorch_reference_step(kind, folders, tmp_path):
     assert abs(got - want) <= LOSS_TOL * abs(want)
     # Per pair: beta / 2 = 2500 scales the float32 rounding of the MSEs up (~1e-4 here).
     np.testing.assert_allclose(got_inside, inside, rtol=0, atol=1e-3)
+
+
+def test_sdxl_benign_finetune_conditions_on_pooled_text_and_time_ids(runs):
+    """SPQR's benign fine-tune on an SDXL run: the benign captions' pooled text and size ids
+    come along (as the sampler conditions on them), and a full fine-tune on them lowers the
+    denoising loss on its data; without them the SDXL UNet cannot run."""
+    import jax
+    import jax.numpy as jnp
+
+    from psa_jax.eval.benign_data import encode_benign
+    from psa_jax.sample.pipeline import Pipeline
+    from psa_jax.train import benign
+
+    pipe = Pipeline.from_run(runs("sdxl"))
+    side = pipe.latent_shape()[0] * pipe.vae.config.downscale
+    images = np.random.default_rng(0).integers(0, 256, (4, side, side, 3), dtype=np.uint8)
+    captions = ["a house at dawn", "a tree in fog", "a boat by the sea", "a car at noon"]
+    moments, states, added = encode_benign(pipe, images, captions)
+    assert added["time_ids"].shape == (4, 6)
+    np.testing.assert_allclose(added["text_pooled"], pipe.encode_prompts(captions)[1], rtol=1e-6)
+    cfg = benign.finetune_config("standard", steps=12, batch_size=4)
+    cfg.optim.learning_rate = 1e-3
+    profile = benign.get_profile("standard")
+    task = benign.BenignTask(pipe.module, pipe.noise_schedule, profile, pipe.scaling_factor)
+    batch = {"image_moments": moments, "text_states": states, **added}
+
+    def loss(p):
+        keys = jax.random.split(jax.random.key(3), 4)
+        return float(np.mean([task.loss(p, None, batch, k)[0] for k in keys]))
+
+    out = benign.finetune(pipe.module, pipe.params, pipe.noise_schedule, pipe.scaling_factor,
+                          moments, states, cfg, added=added, progress=False)  # fmt: skip
+    assert loss(out.trainable) < loss(jax.tree.map(jnp.asarray, pipe.params))
+    with pytest.raises(Exception):  # noqa: B017 - the SDXL UNet needs its added conditions
+        benign.finetune(pipe.module, pipe.params, pipe.noise_schedule, pipe.scaling_factor,
+                        moments, states, cfg, progress=False)  # fmt: skip

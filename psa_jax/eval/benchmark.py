@@ -324,7 +324,7 @@ def _finetune_base(pipe, images, captions, finetune_cfg, digest: str, progress: 
     """The benign fine-tune of the base UNet; the adapter must still match ``digest`` after."""
     from psa_jax.train.benign import finetune
 
-    moments, states = encode_benign(pipe, images, captions)
+    moments, states, added = encode_benign(pipe, images, captions)
     ft = finetune(
         pipe.module,
         pipe.params,
@@ -334,6 +334,7 @@ def _finetune_base(pipe, images, captions, finetune_cfg, digest: str, progress: 
         states,
         finetune_cfg,
         shift_factor=pipe.shift_factor,
+        added=added,
         progress=progress,
     )
     if adapter_digest(pipe.adapter) != digest:

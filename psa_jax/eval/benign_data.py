@@ -51,16 +51,21 @@ def _center_square(im):
 
 
 def encode_benign(pipeline: Any, images: np.ndarray, captions: Sequence[str], chunk: int = 32):
-    """NHWC VAE moments (mean, logvar) and text states, with the run's frozen encoders."""
-    if pipeline.text_encoder_2 is not None:
-        raise NotImplementedError(
-            "benign fine-tuning of SDXL (pooled text + time ids) is not built yet; SD1.x/2.x only"
-        )
-    moments, states = [], []
+    """``(moments, text_states, added)``: NHWC VAE moments (mean, logvar) and text states with
+    the run's frozen encoders; ``added`` is SDXL's ``{"text_pooled": [N, P], "time_ids":
+    [N, 6]}`` (encoder 2's pooled text and the image-size ids, as its sampler conditions on
+    them), ``{}`` for one text encoder."""
+    moments, states, pooled = [], [], []
     for lo in range(0, len(images), chunk):
         x = images[lo : lo + chunk].astype(np.float32) / 127.5 - 1.0
         post = pipeline.vae.encode(np.transpose(x, (0, 3, 1, 2)))
         mom = np.concatenate([np.asarray(post.mean), np.asarray(post.logvar)], axis=1)
         moments.append(np.transpose(mom, (0, 2, 3, 1)))
-        states.append(np.asarray(pipeline.encode_prompts(list(captions[lo : lo + chunk]))[0]))
-    return np.concatenate(moments), np.concatenate(states)
+        text, pool = pipeline.encode_prompts(list(captions[lo : lo + chunk]))
+        states.append(np.asarray(text))
+        pooled.append(np.asarray(pool))
+    added = {}
+    if pipeline.text_encoder_2 is not None:
+        added = {"text_pooled": np.concatenate(pooled),
+                 "time_ids": np.asarray(pipeline.time_ids(len(images)))}  # fmt: skip
+    return np.concatenate(moments), np.concatenate(states), added

@@ -40,7 +40,7 @@ from psa_jax.models import convert
 from psa_jax.train import lora as lora_lib
 from psa_jax.train.losses import denoise_loss
 from psa_jax.train.optim import make_optimizer, optim_config
-from psa_jax.train.step import _noised, clean_latents, init_state, make_train_step
+from psa_jax.train.step import _added_cond, _noised, clean_latents, init_state, make_train_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,16 +201,17 @@ class BenignTask:
         x0 = clean_latents(batch, "image", r_x, self.scaling_factor, self.shift_factor)
         noisy, t, target = _noised(self.schedule, x0, r_noise)
         ctx = batch["text_states"]
+        added = _added_cond(batch, 1)  # SDXL: pooled text + time ids; None otherwise
         if self.profile.kind == "lora":
             p = self.profile
             scale = lora_lib.lora_scale(p.rank, p.alpha)
             with nn.intercept_methods(
                 lora_dropout_interceptor(trainable, scale, p.dropout, r_drop)
             ):
-                pred = self.module.apply({"params": frozen}, noisy, t, ctx)
+                pred = self.module.apply({"params": frozen}, noisy, t, ctx, added)
         else:
             params = apply_trainable(frozen, trainable, self.profile)
-            pred = self.module.apply({"params": params}, noisy, t, ctx)
+            pred = self.module.apply({"params": params}, noisy, t, ctx, added)
         return denoise_loss(pred, target)
 
 
@@ -232,11 +233,13 @@ def finetune(
     config: Mapping,
     *,
     shift_factor: float = 0.0,
+    added: Mapping[str, np.ndarray] | None = None,
     progress: bool = True,
 ) -> FinetuneResult:
     """Fine-tune ``params`` per ``config`` (see :func:`finetune_config`) on NHWC VAE
     ``image_moments [N, h, w, 2C]`` with their ``text_states [N, L, D]`` (latents
-    ``(z - shift_factor) * scaling_factor``, the VAE's two factors).
+    ``(z - shift_factor) * scaling_factor``, the VAE's two factors); SDXL's per-image
+    ``added`` conditions (``text_pooled``, ``time_ids``; see ``eval.benign_data``) when given.
 
     Batches are drawn without replacement within each pass over the data (a fresh permutation
     per pass, from ``config.seed``); a dataset smaller than the batch is an error.
@@ -261,7 +264,8 @@ def finetune(
             perm, pos = order.permutation(n), 0
         idx = perm[pos : pos + bsz]
         pos += bsz
-        batch = {"image_moments": image_moments[idx], "text_states": text_states[idx]}
+        batch = {"image_moments": image_moments[idx], "text_states": text_states[idx],
+                 **{k: v[idx] for k, v in (added or {}).items()}}  # fmt: skip
         state, metrics = step(state, frozen, batch)
         if not bool(metrics["finite"]):
             raise FloatingPointError(
