@@ -190,8 +190,7 @@ def test_eval_a_diffusers_folder_with_real_scorers(tmp_path):
 
     shared = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "psalign")
     prompts = os.path.join(shared, "eval_prompts", "CoProv2_test.csv")
-    if not os.path.isfile(prompts):
-        pytest.skip("../shared/psalign is not beside the checkout")
+    assert os.path.isfile(prompts), f"{prompts}: ../shared/psalign must be beside the checkout"
     pipe = tiny_sd_folder(tmp_path / "sd", UNET, PROMPTS, MAX_LEN)
     unet = psa_jax.load_unet(pipe, user_embed_dim=12)
     unet.adapter = randomize_adapter(unet.adapter, seed=3)

@@ -179,8 +179,7 @@ def test_reads_psalign_eval_prompt_layouts(name, has_user):
     from psa_jax.sample.prompts import read_prompts
 
     path = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "psalign", "eval_prompts")
-    if not os.path.isdir(path):
-        pytest.skip("no ../shared/psalign/eval_prompts")
+    assert os.path.isdir(path), f"{path}: ../shared/psalign must be beside the checkout"
     rows = read_prompts(os.path.join(path, name), limit=5)
     assert len(rows) == 5 and all(r["caption"] and r["file_name"] for r in rows)
     assert ("user_id" in rows[0]) == has_user

@@ -263,14 +263,14 @@ def test_unsafe_weights_weigh_each_pairs_unsafe_image(tiny_dpo):
     """``train.unsafe_weights``: a pair's unsafe image (chosen where its user allows the
     category, else rejected) weighs ``weights[category]``, its safe image 1; the denoise loss is
     then exactly that weighted mean of the per-image MSEs (weight 0 drops an image)."""
-    from psa_jax.data.profiles import UserProfile, chosen_is_unsafe
+    from psa_jax.data.profiles import UserProfile, bans_by_user, chosen_is_unsafe
     from psa_jax.train import step as step_lib
     from psa_jax.train.step import unsafe_loss_weights
 
     def user(uid, banned):
         return UserProfile(uid, 30, "adult", "F", "None", "healthy", "healthy", banned, ())
 
-    users = [user("0000001", ("Hate",)), user("0000002", ())]
+    users = bans_by_user([user("0000001", ("Hate",)), user("0000002", ())])
     ids = np.array(["0000001", "0000002", "0000001", "0000002"], dtype=object)
     cats = np.array(["Hate", "Hate", "Shocking", "Violence"], dtype=object)
     unsafe = chosen_is_unsafe(users, ids, cats)

@@ -24,7 +24,7 @@ import hashlib
 import io
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from importlib import resources
 
 import numpy as np
@@ -152,15 +152,19 @@ def read_users(path: str | os.PathLike, *, ids_from_row_order: bool = False) -> 
     return profiles
 
 
+def bans_by_user(users: Sequence[UserProfile]) -> dict[str, frozenset[str]]:
+    """User id -> banned categories (the table :func:`chosen_is_unsafe` reads)."""
+    return {u.user_id: frozenset(u.banned) for u in users}
+
+
 def chosen_is_unsafe(
-    users: Sequence[UserProfile], user_ids: Iterable[str], categories: Iterable[str]
+    bans: Mapping[str, frozenset[str]], user_ids: Iterable[str], categories: Iterable[str]
 ) -> np.ndarray:
     """``[B]`` bool: whether each Sage-mini pair's chosen image is its unsafe one: a Sage-mini
     pair (``toy_world.pair_record``) chooses the safe image where its user bans the caption's
     category and the unsafe one otherwise. Not true of real SAGE, whose records of a pair's
-    *safe* caption choose the safe image for every user. A user not in ``users`` is a
-    :class:`ProfileError` (that pair's images cannot be told apart)."""
-    bans = {u.user_id: frozenset(u.banned) for u in users}
+    *safe* caption choose the safe image for every user. ``bans``: :func:`bans_by_user`; a user
+    not in it is a :class:`ProfileError` (that pair's images cannot be told apart)."""
     out = []
     for uid, category in zip(user_ids, categories):
         uid = str(uid)

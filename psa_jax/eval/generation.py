@@ -107,9 +107,10 @@ def generate_across_processes(
     os.makedirs(shard_dir, exist_ok=True)
     mine = shard_items(items, index, count)
     drawn = generate(pipeline, [items[i] for i in mine], settings, **kw) if mine else {}
-    path = os.path.join(shard_dir, f"{index}.npz")
-    np.savez(path + ".tmp.npz", idx=np.asarray(mine, np.int64), **drawn)
-    os.replace(path + ".tmp.npz", path)
+    from psa_jax.core.outputs import atomic_file
+
+    with atomic_file(os.path.join(shard_dir, f"{index}.npz")) as tmp:
+        np.savez(tmp, idx=np.asarray(mine, np.int64), **drawn)
     parallel.barrier(f"eval-generate:{os.path.abspath(shard_dir)}")
     if index != 0:
         return None

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from psa_jax.core.outputs import atomic_file
 from psa_jax.sweep.plan import SweepError, SweepRun, run_record
 
 SWEEP_FILE = "sweep.json"
@@ -35,11 +36,9 @@ def train_argv(run: SweepRun, workdir: str) -> list[str]:
 
 
 def _write_json(path: str, obj: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, default=str)
         f.write("\n")
-    os.replace(tmp, path)
 
 
 def read_json(path: str) -> dict[str, Any] | None:

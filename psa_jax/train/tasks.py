@@ -144,11 +144,11 @@ def unsafe_weigher(config: Any, splits: prepare.Splits) -> Callable[[dict], np.n
     if not splits.users_csv:
         raise ValueError("train.unsafe_weights needs the users' banned categories: set "
                          "data.users_csv")  # fmt: skip
-    users = profiles.read_users(splits.users_csv)
+    bans = profiles.bans_by_user(profiles.read_users(splits.users_csv))
     image_key = config.train.image_key
 
     def weigh(batch: dict) -> np.ndarray:
-        unsafe = profiles.chosen_is_unsafe(users, batch["user_id"], batch["category"])
+        unsafe = profiles.chosen_is_unsafe(bans, batch["user_id"], batch["category"])
         return unsafe_loss_weights(unsafe, batch["category"], weights, image_key)
 
     return weigh
