@@ -105,6 +105,9 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
             "beta": 5000.0,  # Diffusion-DPO beta (PSAlign)
             # task=dpo: weight of mean(mse_w - ref_w) added to the DPO loss (0: PSAlign's loss)
             "dpo_chosen_weight": 0.0,
+            # task=dpo on Sage-mini: "category" weighs each category's safe-chosen and
+            # unsafe-chosen pairs equally (train.step.balanced_pair_weights); "none": PSAlign's
+            "dpo_balance": "none",
             "checkpoint_every": 100,
             "keep_checkpoints": 3,
             "async_checkpoint": True,

@@ -126,6 +126,11 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     # levels 0-1), which the DPO margin cannot see when a pair differs only in the marker.
     # The chosen term at 25 keeps adherence >= 0.84x and level 5 at 0.28x (50: 0.34x, 250:
     # 0.78x; T=4, 800 steps, issue 15's note).
+    # Pairs weighed as they come (train.dpo_balance="none"): "category" balance (each
+    # category's safe-chosen and unsafe-chosen pairs weighing the same) took level 5 to 0.03x
+    # the base's banned content but held-out pair accuracy to 0.66 (none: 0.70), and levels
+    # 3-4 still drew the Propaganda they ban on 0.44-1.0 of its prompts: the level curve's
+    # order was no better at 800 or 1600 steps, nor with T=8 (issue 15's note, seeds 0, 5000).
     # Evaluation: 128 held-out pairs (32 swing the pair accuracy by +-0.1) at steps 0 and 800
     # (each costs ~25 s of the demo's 10 minutes; it does not change what is trained).
     return common.add_training(

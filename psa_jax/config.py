@@ -27,8 +27,8 @@ from psa_jax.core.errors import PsaJaxError
 log = logging.getLogger(__name__)
 
 # v1: runs written before the version was recorded. v2: every key below is in the saved config.
-# v3: train.unsafe_weights. v4: model.init_adapter.
-SCHEMA_VERSION = 4
+# v3: train.unsafe_weights. v4: model.init_adapter. v5: train.dpo_balance.
+SCHEMA_VERSION = 5
 
 
 class ConfigFileError(PsaJaxError, FileNotFoundError):
@@ -115,6 +115,12 @@ def _init_adapter(d: dict) -> list[str]:
     return done
 
 
+def _dpo_balance(d: dict) -> list[str]:
+    done: list[str] = []
+    _fill(d, "train.dpo_balance", "none", done)  # every DPO pair weighed 1.0 before
+    return done
+
+
 MIGRATIONS = (
     Migration(
         "pre-schema-defaults",
@@ -134,6 +140,12 @@ MIGRATIONS = (
         4,
         "model.init_adapter did not exist: every dpo run started from a fresh adapter",
         _init_adapter,
+    ),
+    Migration(
+        "dpo-balance",
+        5,
+        "train.dpo_balance did not exist: every DPO pair's loss weighed the same",
+        _dpo_balance,
     ),
 )
 

@@ -309,14 +309,18 @@ def test_unsafe_weights_weigh_each_pairs_unsafe_image(tiny_dpo):
     assert float(got) != pytest.approx(float(plain), rel=1e-3)
 
 
-def test_unsafe_weigher_reads_the_users_bans_and_needs_a_users_file():
+def _no_users():
+    raise AssertionError("the split's users are read only for train.dpo_balance")
+
+
+def test_pair_weigher_reads_the_users_bans_and_needs_a_users_file():
     """The trainer's ``loss_weight`` for ``train.unsafe_weights``: from the run's users file,
     per pair (chosen, rejected); no users file is a named error, no weights no weigher."""
     import dataclasses
 
     from psa_jax.data.prepare import Splits
     from psa_jax.data.profiles import packaged_users_csv, read_users
-    from psa_jax.train.tasks import unsafe_weigher
+    from psa_jax.train.tasks import pair_weigher
 
     users = {u.user_id: u for u in read_users(packaged_users_csv())}
     strict = next(u for u in users.values() if "Hate" in u.banned)
@@ -324,11 +328,86 @@ def test_unsafe_weigher_reads_the_users_bans_and_needs_a_users_file():
     cfg = tiny.get_config("calibrate")
     cfg.train.unsafe_weights = {"Hate": 4.0}
     splits = Splits({}, {}, None, None, packaged_users_csv())
-    weigh = unsafe_weigher(cfg, splits)
+    weigh = pair_weigher(cfg, splits, _no_users)
     batch = {"user_id": np.array([strict.user_id, loose.user_id], dtype=object),
              "category": np.array(["Hate", "Hate"], dtype=object)}  # fmt: skip
     np.testing.assert_array_equal(weigh(batch), [[1.0, 4.0], [4.0, 1.0]])
     with pytest.raises(ValueError, match="users_csv"):
-        unsafe_weigher(cfg, dataclasses.replace(splits, users_csv=None))
+        pair_weigher(cfg, dataclasses.replace(splits, users_csv=None), _no_users)
     cfg.train.unsafe_weights = {}
-    assert unsafe_weigher(cfg, splits) is None
+    assert pair_weigher(cfg, splits, _no_users) is None
+
+
+def test_dpo_balance_weighs_each_categorys_two_kinds_of_pair_equally():
+    """``train.dpo_balance="category"``: over a split's pairs, each category's safe-chosen and
+    unsafe-chosen pairs carry half of its weight each, and the mean weight is 1; a category
+    that every user bans (or none does) weighs 1."""
+    from psa_jax.data.prepare import Splits
+    from psa_jax.data.profiles import CATEGORIES, packaged_users_csv, read_users
+    from psa_jax.train.tasks import pair_weigher
+
+    users = read_users(packaged_users_csv())[:40]
+    ids = [u.user_id for u in users]
+    cfg = tiny.get_config()
+    cfg.train.dpo_balance = "category"
+    weigh = pair_weigher(cfg, Splits({}, {}, None, None, packaged_users_csv()), lambda: ids)
+    # Every user x category once: what one Sage-mini caption per category gives.
+    uid = np.array([u for u in ids for _ in CATEGORIES], dtype=object)
+    cat = np.array([c for _ in ids for c in CATEGORIES], dtype=object)
+    w = weigh({"user_id": uid, "category": cat})
+    assert w.shape == (len(uid),) and w.dtype == np.float32
+    banned = np.array([c in u.banned for u in users for c in CATEGORIES])
+    for c in CATEGORIES:
+        sel = cat == c
+        share = banned[sel].mean()
+        if 0 < share < 1:
+            assert w[sel & banned].sum() == pytest.approx(w[sel & ~banned].sum(), rel=1e-5), c
+            assert w[sel].mean() == pytest.approx(1.0, rel=1e-5), c
+            assert w[sel & banned][0] == pytest.approx(0.5 / share, rel=1e-5)
+        else:
+            np.testing.assert_array_equal(w[sel], 1.0)
+    assert not np.allclose(w, 1.0)  # the packaged users ban categories unevenly
+
+
+def test_dpo_loss_weights_scale_each_pairs_loss():
+    """``dpo_loss(weights=w)`` is the mean of w times each pair's loss (DPO and chosen term);
+    the metrics stay unweighted."""
+    from psa_jax.train.losses import dpo_loss
+
+    rng = np.random.default_rng(0)
+    pw, pl, rw, rl, tw, tl = (jnp.asarray(rng.normal(size=(3, 2, 2, 4)), jnp.float32)
+                              for _ in range(6))  # fmt: skip
+    w = jnp.asarray([0.5, 2.0, 1.0], jnp.float32)
+    per = [dpo_loss(pw[i:i + 1], pl[i:i + 1], rw[i:i + 1], rl[i:i + 1], tw[i:i + 1],
+                    tl[i:i + 1], 10.0, 3.0)[0] for i in range(3)]  # fmt: skip
+    got, m = dpo_loss(pw, pl, rw, rl, tw, tl, 10.0, 3.0, w)
+    _, m_plain = dpo_loss(pw, pl, rw, rl, tw, tl, 10.0, 3.0)
+    np.testing.assert_allclose(float(got), float(np.mean(np.asarray(per) * np.asarray(w))),
+                               rtol=1e-5)  # fmt: skip
+    assert float(m["implicit_acc"]) == float(m_plain["implicit_acc"])
+    assert float(m["chosen_term"]) == pytest.approx(float(m_plain["chosen_term"]))
+
+
+def test_dpo_balance_is_checked_and_migrated():
+    """``train.dpo_balance``: a known value, task dpo on Sage-mini only; runs saved at schema
+    v4 get "none" (how they trained) by the named rule."""
+    from psa_jax.config import migrate_run_config
+    from psa_jax.train.checks import ConfigValueError, check_config
+
+    cfg = tiny.get_config()
+    cfg.train.dpo_balance = "users"
+    with pytest.raises(ConfigValueError, match="dpo_balance"):
+        check_config(cfg)
+    cfg = tiny.get_config("calibrate")
+    cfg.model.pretrained = "x"
+    cfg.train.dpo_balance = "category"
+    with pytest.raises(ConfigValueError, match="only task=dpo"):
+        check_config(cfg)
+    cfg = tiny.get_config()
+    cfg.train.dpo_balance = "category"
+    cfg.data.source = "/data/sage"
+    with pytest.raises(ConfigValueError, match="real SAGE"):
+        check_config(cfg)
+    v4 = {**tiny.get_config().to_dict(), "schema_version": 4}
+    del v4["train"]["dpo_balance"]
+    assert migrate_run_config(v4, "r")["train"]["dpo_balance"] == "none"

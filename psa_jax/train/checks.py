@@ -72,6 +72,7 @@ def check_config(config: Any) -> None:
     if task == "vae":
         _check_number(config, "train.vae_kl_weight", 0.0, above=False)
     _check_unsafe_weights(config, task)
+    _check_dpo_balance(config, task)
     _check_init_adapter(config, task)
     _check_number(config, "optim.learning_rate", 0.0, above=True)
     for key, known in (("name", OPTIMIZERS), ("schedule", SCHEDULES)):
@@ -108,6 +109,28 @@ def _check_unsafe_weights(config: Any, task: str) -> None:
             "train.unsafe_weights needs to know which image of each pair is the unsafe one: "
             "Sage-mini's pairs say it through their user's bans (data.source='toy'); real SAGE "
             "records do not (their safe-caption records choose the safe image for every user)"
+        )
+
+
+DPO_BALANCES = ("none", "category")
+
+
+def _check_dpo_balance(config: Any, task: str) -> None:
+    """``train.dpo_balance``: ``"none"`` or (task ``dpo`` on Sage-mini, whose pairs' chosen
+    image follows from the user's bans) ``"category"``."""
+    balance = _value(config, "train.dpo_balance")
+    if balance not in DPO_BALANCES:
+        raise ConfigValueError(f"train.dpo_balance={balance!r}: one of {DPO_BALANCES}")
+    if balance == "none":
+        return
+    if task != "dpo":
+        raise ConfigValueError(f"train.dpo_balance={balance!r} but task={task!r} does not read "
+                               "it (only task=dpo weighs its pairs)")  # fmt: skip
+    if config.data.source != "toy":
+        raise ConfigValueError(
+            "train.dpo_balance='category' needs to know which image of each pair is the safe "
+            "one: Sage-mini's pairs say it through their user's bans (data.source='toy'); real "
+            "SAGE records do not"
         )
 
 

@@ -43,6 +43,7 @@ def dpo_loss(
     target_l: jax.Array,
     beta: float,
     chosen_weight: float = 0.0,
+    weights: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Diffusion-DPO on one batch of (chosen ``w``, rejected ``l``) pairs.
 
@@ -59,6 +60,9 @@ def dpo_loss(
     the margin is blind to any change that hurts both images of a pair alike, which is every
     change away from where they differ (Sage-mini's pairs differ only in the marker), so
     without it the adapter may damage the whole picture for free. 0 is PSAlign's loss.
+
+    ``weights`` ``[B]`` (``train.dpo_balance``): each pair's whole loss (DPO term and chosen
+    term) counts that many times in the mean; the metrics stay unweighted.
     """
     mse_w, mse_l = per_sample_mse(policy_w, target_w), per_sample_mse(policy_l, target_l)
     ref_mse_w, ref_mse_l = per_sample_mse(ref_w, target_w), per_sample_mse(ref_l, target_l)
@@ -68,10 +72,14 @@ def dpo_loss(
         policy_l, ref_l, target_l
     )
     inside = 0.5 * beta * margin  # == -0.5 * beta * ((mse_w - mse_l) - (ref_w - ref_l))
-    loss = -jax.nn.log_sigmoid(inside).mean()
-    chosen_term = (mse_w - ref_mse_w).mean()
+    per_pair = -jax.nn.log_sigmoid(inside)
+    chosen_per_pair = mse_w - ref_mse_w
+    chosen_term = chosen_per_pair.mean()
     if chosen_weight:
-        loss = loss + chosen_weight * chosen_term
+        per_pair = per_pair + chosen_weight * chosen_per_pair
+    if weights is not None:
+        per_pair = per_pair * weights.astype(per_pair.dtype)
+    loss = per_pair.mean()
     acc = (inside > 0).astype(jnp.float32) + 0.5 * (inside == 0).astype(jnp.float32)
     metrics = {
         "implicit_acc": acc.mean(),

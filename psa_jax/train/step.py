@@ -112,8 +112,9 @@ class DPOTask:
 
     def loss(self, adapter: Any, frozen: Any, batch: Batch, rng: jax.Array):
         pred, ref, target, b = self._predictions(adapter, frozen, batch, rng)
+        weights = batch.get("loss_weight")  # [B]: train.dpo_balance (balanced_pair_weights)
         return dpo_loss(pred[:b], pred[b:], ref[:b], ref[b:], target[:b], target[b:], self.beta,
-                        self.chosen_weight)  # fmt: skip
+                        self.chosen_weight, weights)  # fmt: skip
 
     def margins(self, adapter: Any, frozen: Any, batch: Batch, rng: jax.Array) -> jax.Array:
         """``[B]`` per-pair reward margin ``(ref_w - mse_w) - (ref_l - mse_l)`` for one
@@ -344,3 +345,21 @@ def unsafe_loss_weights(
         [np.where(cols[k], unsafe_w, np.float32(1.0)) for k in denoise_image_keys(image_key)],
         axis=1,
     ).astype(np.float32)
+
+
+def balanced_pair_weights(
+    chosen_safe: np.ndarray, categories: Any, safe_share: Mapping[str, float]
+) -> np.ndarray:
+    """``[B]`` float32 ``loss_weight`` of a DPO batch (``train.dpo_balance="category"``): a pair
+    whose chosen image is the safe one weighs ``0.5 / safe_share[category]``, the others
+    ``0.5 / (1 - safe_share[category])``, so that within each category the pairs preferring the
+    safe image and those preferring the unsafe one weigh the same in expectation (and the mean
+    weight is 1). ``safe_share``: the training split's share of each category's pairs whose
+    chosen image is the safe one (``tasks.safe_shares``). A category whose pairs are all of one
+    kind (share 0 or 1) cannot be balanced: its pairs weigh 1."""
+    share = np.asarray([safe_share[str(c)] for c in categories], np.float64)
+    chosen_safe = np.asarray(chosen_safe, bool)
+    mixed = (share > 0.0) & (share < 1.0)
+    with np.errstate(divide="ignore"):
+        w = np.where(chosen_safe, 0.5 / share, 0.5 / (1.0 - share))
+    return np.where(mixed, w, 1.0).astype(np.float32)

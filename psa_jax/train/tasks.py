@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -19,7 +19,13 @@ from psa_jax.models.adapter import PROJ_INITS, standardize_projection
 from psa_jax.models.convert import WeightFileError, WeightMismatchError
 from psa_jax.models.psa_unet import _adapter_init, abstract_variables, read_adapter
 from psa_jax.train import lora as lora_lib
-from psa_jax.train.step import DenoiseTask, DPOTask, VAETask, unsafe_loss_weights
+from psa_jax.train.step import (
+    DenoiseTask,
+    DPOTask,
+    VAETask,
+    balanced_pair_weights,
+    unsafe_loss_weights,
+)
 
 TASKS = ("dpo", "denoise", "vae")
 
@@ -135,16 +141,38 @@ def training_user_embeds(config: Any, splits: prepare.Splits, loader: Any) -> np
     return lookup_embeddings(loader.user_ids(), splits.embeddings)
 
 
-def unsafe_weigher(config: Any, splits: prepare.Splits) -> Callable[[dict], np.ndarray] | None:
-    """``batch -> [B, K] loss_weight`` for ``train.unsafe_weights`` (None when it is empty):
-    which image of each pair is the unsafe one comes from its user's banned categories."""
+def safe_shares(bans: Mapping[str, frozenset[str]], user_ids: Sequence[str]) -> dict[str, float]:
+    """Per category, the share of a Sage-mini training split's pairs whose chosen image is the
+    safe one: the share of its users who ban the category (Sage-mini pairs every user with
+    the same captions, so each user holds the same number of pairs per category)."""
+    if not user_ids:
+        raise ValueError("the training split has no users")
+    return {c: float(np.mean([c in bans[str(u)] for u in user_ids])) for c in profiles.CATEGORIES}
+
+
+def pair_weigher(
+    config: Any, splits: prepare.Splits, user_ids: Callable[[], Sequence[str]]
+) -> Callable[[dict], np.ndarray] | None:
+    """``batch -> loss_weight`` from the users' bans, or None when the config weighs nothing:
+    ``train.unsafe_weights`` (task denoise, ``[B, K]``: :func:`unsafe_loss_weights`) or
+    ``train.dpo_balance="category"`` (task dpo, ``[B]``: :func:`balanced_pair_weights` over the
+    training split's users, ``user_ids()``, read only then)."""
     weights = dict(config.train.unsafe_weights)
-    if not weights:
+    balance = config.task == "dpo" and config.train.dpo_balance != "none"
+    if not weights and not balance:
         return None
     if not splits.users_csv:
-        raise ValueError("train.unsafe_weights needs the users' banned categories: set "
-                         "data.users_csv")  # fmt: skip
+        what = "train.unsafe_weights" if weights else "train.dpo_balance"
+        raise ValueError(f"{what} needs the users' banned categories: set data.users_csv")
     bans = profiles.bans_by_user(profiles.read_users(splits.users_csv))
+    if balance:
+        shares = safe_shares(bans, user_ids())
+
+        def balanced(batch: dict) -> np.ndarray:
+            chosen_safe = ~profiles.chosen_is_unsafe(bans, batch["user_id"], batch["category"])
+            return balanced_pair_weights(chosen_safe, batch["category"], shares)
+
+        return balanced
     image_key = config.train.image_key
 
     def weigh(batch: dict) -> np.ndarray:

@@ -58,7 +58,7 @@ from psa_jax.train.step import (
     make_train_step,
     step_inputs,
 )
-from psa_jax.train.tasks import Setup, build_task, training_user_embeds, unsafe_weigher
+from psa_jax.train.tasks import Setup, build_task, pair_weigher, training_user_embeds
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +255,7 @@ def run_loop(
     tcfg, state, start = config.train, run.state, run.start
     total, every, cfg_json = int(tcfg.steps), int(tcfg.checkpoint_every), _config_json(config)
     lr = make_lr_schedule(config.optim)
-    weigh = unsafe_weigher(config, inputs.splits)
+    weigh = pair_weigher(config, inputs.splits, inputs.loader.user_ids)
     last: dict[str, float] = {}
     eval_metrics: dict[str, float] = {}
     progress = tqdm(total=total, initial=start, desc=f"{config.task} {config.get('name', '')}",
