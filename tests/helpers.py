@@ -293,3 +293,20 @@ def tiny_sdxl_folder(
     )
     pipe.save_pretrained(root)
     return root
+
+
+# A Sage-mini world small enough for a train run in a test (configs/tiny.py overrides).
+SMALL_WORLD = [
+    "data.toy.num_users=6",
+    "data.toy.include_level_users=False",
+    "data.toy.concepts_per_category=1",
+    "data.toy.captions_per_concept=2",
+    "data.toy.num_unseen_users=2",
+    "data.toy.num_eval_seen_users=3",
+    "data.toy.num_benign=4",
+    "train.batch_size=4",
+    "train.eval_batch_size=4",
+    "train.eval_batches=1",
+    "train.eval_every=0",
+    "train.progress=False",
+]

@@ -18,8 +18,9 @@ import time
 import jax
 import numpy as np
 import pytest
+from helpers import SMALL_WORLD
 from snapshots import tree_digest
-from test_trainer import ROOT, SMALL_WORLD
+from test_trainer import ROOT
 
 from psa_jax import cli
 from psa_jax.core.checkpoint import Checkpointer, restore_host_params

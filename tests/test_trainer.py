@@ -17,6 +17,7 @@ import faults
 import jax
 import numpy as np
 import pytest
+from helpers import SMALL_WORLD
 
 from configs import tiny
 from psa_jax.config import apply_overrides
@@ -29,20 +30,6 @@ from psa_jax.train import tasks, trainer
 from psa_jax.train.metrics_io import last_per_step, read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL_WORLD = [
-    "data.toy.num_users=6",
-    "data.toy.include_level_users=False",
-    "data.toy.concepts_per_category=1",
-    "data.toy.captions_per_concept=2",
-    "data.toy.num_unseen_users=2",
-    "data.toy.num_eval_seen_users=3",
-    "data.toy.num_benign=4",
-    "train.batch_size=4",
-    "train.eval_batch_size=4",
-    "train.eval_batches=1",
-    "train.eval_every=0",
-    "train.progress=False",
-]
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""``make-toy-data``, ``build-data``, ``embed-profiles``: the data stage's commands."""
+"""``make-toy-data``, ``build-data``, ``embed-profiles``: the data stage's commands (local
+folders only: see :mod:`psa_jax.data.prepare`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import dataclasses
 import json
 import os
 
+from psa_jax.core import paths
 from psa_jax.data.embed import embed_profiles
 from psa_jax.data.encoders import get_encoder
 from psa_jax.data.profiles import read_users
@@ -15,7 +17,15 @@ from psa_jax.data.toy_scenes import ToyWorldConfig
 from psa_jax.data.toy_world import USERS_ENV, default_users_csv, make_toy_world
 
 
+def _local(args: argparse.Namespace, *flags: str) -> None:
+    """Refuse a gs:// value of these flags by name (rather than a local folder ``gs:``)."""
+    for flag in flags:
+        value = getattr(args, flag) or ""
+        paths.require_local(value, f"--{flag}", "the data stage reads and writes local files")
+
+
 def _make_toy_data(args: argparse.Namespace) -> int:
+    _local(args, "out", "users")
     users = args.users or default_users_csv()
     config = ToyWorldConfig(
         seed=args.seed, num_users=args.num_users, num_unseen_users=args.num_unseen_users
@@ -50,6 +60,7 @@ def register_toy(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
 
 
 def _build_data_cmd(args: argparse.Namespace) -> int:
+    _local(args, "source", "out")
     report = build_data(
         args.source,
         args.out,
@@ -75,6 +86,7 @@ def register_build(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _embed_profiles(args: argparse.Namespace) -> int:
+    _local(args, "users", "out")
     read_users(args.users, ids_from_row_order=args.ids_from_row_order)  # fail before loading
     src = get_encoder(args.encoder, device=args.device, dtype=args.dtype)
     kw = dict(banned_from=args.banned_from, max_new_tokens=args.max_new_tokens)

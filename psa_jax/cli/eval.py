@@ -17,7 +17,7 @@ from typing import Any
 import jax
 
 from psa_jax.cli.train import add_distributed_flags, init_distributed
-from psa_jax.core import parallel
+from psa_jax.core import parallel, paths
 from psa_jax.core.checkpoint import RunNotFoundError, require_run
 from psa_jax.core.errors import UsageError
 from psa_jax.core.outputs import OutputExistsError
@@ -64,6 +64,10 @@ def _settings(args: argparse.Namespace, default_scorers: tuple[str, ...]) -> Any
 def _preflight(args: argparse.Namespace, settings: Any, marker: str) -> dict[str, Any]:
     """Every check that needs no model: out folder, run folder, prompts file, scorers."""
     report.check_out(args.out, marker)
+    if jax.process_count() > 1:
+        paths.require_local(args.out, "--out", "with several processes, the shards are merged "
+                            "through a folder every process sees; run one process, or write "
+                            "to a shared mount")  # fmt: skip
     if getattr(args, "workdir", None):
         require_run(args.workdir)
     if args.prompts not in (None, "toy"):

@@ -13,22 +13,23 @@
 A folder that is not a run, a run without a checkpoint (or without ``--step``), a run whose task
 does not fit the format, or an ``--out`` folder of other files is one line on stderr and exit
 status 2, before any model is built. The result is written under a temporary name beside
-``--out`` (``<out>.partial-<pid>``) and renamed into place when complete.
+``--out`` (``<out>.partial-<pid>``) and renamed into place when complete; a ``gs://`` ``--out``
+is written locally and uploaded when complete (see :mod:`psa_jax.core.outputs`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 from typing import Any
 
+from psa_jax.core import paths
 from psa_jax.export.formats import FORMATS, export_run
 
 
 def _export_cmd(args: argparse.Namespace) -> int:
     path = export_run(args.workdir, args.format, args.out, args.step)
-    print(json.dumps({"format": args.format, "written": os.path.abspath(path)}))
+    print(json.dumps({"format": args.format, "written": paths.absolute(path)}))
     return 0
 
 

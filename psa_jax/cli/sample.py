@@ -36,6 +36,7 @@ from typing import Any
 import jax
 
 from psa_jax.cli.train import add_distributed_flags, init_distributed
+from psa_jax.core import paths
 from psa_jax.core.checkpoint import require_run
 from psa_jax.core.outputs import atomic_folder, check_folder_out
 from psa_jax.data.embed import load_embeddings
@@ -83,6 +84,10 @@ def _check_inputs(args: argparse.Namespace) -> tuple[list[dict], list[dict], dic
     if not args.prompts and not args.prompt:
         raise SampleInputError("give --prompts CSV or --prompt TEXT")
     check_folder_out(args.out)
+    if jax.process_count() > 1:
+        paths.require_local(args.out, "--out", "with several processes, the shards are merged "
+                            "through a folder every process sees; run one process, or write "
+                            "to a shared mount")  # fmt: skip
     run_config = None
     if args.workdir:
         _, run_config = require_run(args.workdir)

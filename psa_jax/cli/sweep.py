@@ -20,11 +20,12 @@ from typing import Any
 
 
 def _sweep_cmd(args: argparse.Namespace) -> int:
+    from psa_jax.core import paths
     from psa_jax.sweep import plan as plan_lib
     from psa_jax.sweep import run as run_lib
 
     runs = plan_lib.plan(args.sweep_file)
-    out = os.path.abspath(args.out)
+    out = paths.absolute(args.out)  # a local folder or gs://bucket/...
     if args.mode == "local":
         if args.dry_run:
             for r in runs:
@@ -37,6 +38,7 @@ def _sweep_cmd(args: argparse.Namespace) -> int:
               + (f"; failed: {', '.join(failed)}" if failed else ""))  # fmt: skip
         return 1 if failed else 0
     if args.mode == "slurm":
+        paths.require_local(out, "--out", "SLURM writes the job array's logs there")
         script = run_lib.slurm_array_script(out, runs, args.sbatch_arg or [])
         if args.dry_run or not args.submit:
             print(script, end="")

@@ -11,14 +11,17 @@
 
 Orbax writes each step to a temporary folder and renames it when complete, so a run killed
 mid-write leaves no step that ``latest_step`` would return: a partial checkpoint is never
-restored. Saves are asynchronous (device-to-host copy blocks, the file writes do not).
+restored. On ``gs://`` (a workdir may be one, see :mod:`psa_jax.core.paths`) orbax writes the
+step in place and marks it complete with a ``commit_success.txt`` written last; the same holds.
+Saves are asynchronous (device-to-host copy blocks, the file writes do not).
 
 A step that is complete but cannot be read (a truncated or garbled file) raises
 :class:`CheckpointError`, naming the step, the item and its folder. :meth:`Checkpointer.resume`
 can fall back to an older step instead; steps a resumed run must not keep (damaged ones, or
 newer ones than the step asked for) are moved aside by :meth:`Checkpointer.set_aside`, never
 deleted: ``<step>.<reason>-<unix time>`` in the same folder, a name that orbax does not list as a
-step (it lists only names that are a bare step number), so the run can save that step again.
+step (it lists only names that are a bare step number), so the run can save that step again
+(on gs:// such a move is a copy and a delete of every object of the step).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from psa_jax.config import migrate_run_config, stamp_schema
-from psa_jax.core import parallel
+from psa_jax.core import parallel, paths
 from psa_jax.core.errors import PsaJaxError
 
 log = logging.getLogger(__name__)
@@ -82,7 +85,26 @@ class Resumed:
 
 
 def checkpoint_dir(workdir: str | os.PathLike) -> str:
-    return os.path.join(os.path.abspath(os.fspath(workdir)), CHECKPOINTS)
+    return os.path.join(paths.absolute(workdir), CHECKPOINTS)
+
+
+def check_workdir(workdir: str | os.PathLike) -> None:
+    """A gs:// run folder: the client libraries are there (:func:`paths.check_remote`) and
+    orbax's bucket lookup (google-cloud-storage) works; called before any model is built.
+    A local folder: nothing to check."""
+    directory = checkpoint_dir(workdir)
+    if not paths.is_remote(directory):
+        return
+    paths.check_remote(directory)
+    from orbax.checkpoint._src.path import gcs_utils
+
+    try:
+        gcs_utils.is_hierarchical_namespace_enabled(directory)  # cached: orbax asks the same
+    except ImportError as e:
+        raise paths.RemotePathError(
+            f"checkpoints in {directory!r}: orbax needs google-cloud-storage for gs:// "
+            "(pip install 'psa_jax[gcs]')"
+        ) from e
 
 
 class Checkpointer:
@@ -103,6 +125,7 @@ class Checkpointer:
             read_only=read_only,
         )
         self.directory = checkpoint_dir(workdir)
+        check_workdir(workdir)
         self._manager = self._open()
 
     def _open(self) -> ocp.CheckpointManager:
@@ -224,9 +247,12 @@ class Checkpointer:
             for step, reason in sorted(reasons.items()):
                 src = self.step_dir(step)
                 dst, n = f"{src}.{reason}-{stamp}", 1
-                while os.path.exists(dst):
+                while paths.exists(dst):
                     dst, n = f"{src}.{reason}-{stamp}-{n}", n + 1
-                os.rename(src, dst)
+                if paths.is_remote(src):
+                    paths.path(src).rename(dst)
+                else:
+                    os.rename(src, dst)
                 moved[step] = dst
                 log.warning("checkpoint step %d (%s) moved aside, not deleted: %s -> %s",
                             step, reason, src, dst)  # fmt: skip
@@ -268,7 +294,7 @@ class Checkpointer:
 
 def complete_steps(workdir: str | os.PathLike) -> list[int]:
     """The complete checkpoint steps of a run folder, ``[]`` without any; writes nothing."""
-    if not os.path.isdir(checkpoint_dir(workdir)):
+    if not paths.isdir(checkpoint_dir(workdir)):
         return []
     with Checkpointer(workdir, read_only=True) as ckpt:
         return ckpt.all_steps()
@@ -306,9 +332,9 @@ def require_run(workdir: str, step: int | None = None) -> tuple[int, dict]:
     """``(step, config)`` of run ``workdir``'s newest complete checkpoint (or ``step``): a cheap
     look, made before any model is built, that raises :class:`RunNotFoundError` naming the
     folder when it is not a run, holds no complete checkpoint, or not that step."""
-    if not os.path.isdir(workdir):
+    if not paths.isdir(workdir):
         raise RunNotFoundError(f"run folder {workdir!r} does not exist")
-    if not os.path.isdir(checkpoint_dir(workdir)):
+    if not paths.isdir(checkpoint_dir(workdir)):
         raise RunNotFoundError(f"{workdir!r} is not a psa-jax train run (no checkpoints/ folder)")
     with Checkpointer(workdir, read_only=True) as ckpt:
         steps = ckpt.all_steps()

@@ -10,6 +10,10 @@ world's users (cached), ``"npy:DIR"`` imports PSAlign's ``<id>.npy`` files for
 inputs and reused; process 0 prepares first, the others then find (or, without a shared file
 system, rebuild) the same files. The frozen models (``psa_jax.models.loading.BaseModels``) come
 in as arguments: their text encoder and VAE fill the caches, their tokenizer (if any) is used.
+
+All of it is local, never ``gs://`` (a :class:`~psa_jax.core.paths.RemotePathError` says so up
+front): the encoder caches are memory-mapped, tokenizers and images are read as local files,
+and each host of a pod prepares its own copy, so a local disk per host is what it needs.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from psa_jax.core import paths
 from psa_jax.core.parallel import process_zero_first
 from psa_jax.data import cache as cache_lib
 from psa_jax.data import embed, sage, toy_scenes, toy_world
@@ -32,11 +37,23 @@ from psa_jax.data.tokenizer import build_word_tokenizer, load_tokenizer
 
 CACHE_ENV = "PSA_JAX_CACHE"
 DATASET = "sage"
+_LOCAL_DATA = ("caches are memory-mapped and data read as local files (each host prepares its "
+               "own copy)")  # fmt: skip
 
 
 def cache_root(config: Any) -> str:
     root = config.data.cache_dir or os.environ.get(CACHE_ENV)
+    where = "data.cache_dir" if config.data.cache_dir else f"${CACHE_ENV}"
+    paths.require_local(root or "", where, _LOCAL_DATA)
     return os.path.abspath(os.path.expanduser(root or "~/.cache/psa_jax"))
+
+
+def _require_local_inputs(data: Any) -> None:
+    """data.source, data.users_csv and data.embeddings name local files (module docstring)."""
+    embeddings = data.embeddings.removeprefix("npy:")
+    for key, value in (("source", data.source), ("users_csv", data.users_csv),
+                       ("embeddings", embeddings)):  # fmt: skip
+        paths.require_local(value or "", f"data.{key}", _LOCAL_DATA)
 
 
 def _key(*parts: Any) -> str:
@@ -102,6 +119,7 @@ def prepare_data(config: Any, models: Any, *, build_splits: bool = True) -> Spli
             "set --config.data.source (a Sage-format folder, or 'toy') and "
             "--config.data.embeddings (an embed-profiles folder, 'minilm' or 'npy:DIR')"
         )
+    _require_local_inputs(data)
     resolution = data.resolution
     wanted = [data.train_split] + ([data.eval_split] if data.eval_split else [])
     world, sources, users_csv, tag = _sources(config, root)

@@ -22,6 +22,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from psa_jax.core import paths
 from psa_jax.core.checkpoint import require_run
 from psa_jax.eval import spqr as spqr_lib
 from psa_jax.eval.benign_data import benign_data, encode_benign
@@ -97,7 +98,7 @@ def load_model(
         pipeline = Pipeline.from_loaded_run(run, workdir)
         if adapter:
             pipeline = with_adapter(pipeline, adapter)
-        source = {"workdir": os.path.abspath(workdir), "adapter": adapter}
+        source = {"workdir": paths.absolute(workdir), "adapter": adapter}
         if run.config.data.source == "toy":
             from psa_jax.data.prepare import toy_world_dir
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from psa_jax.core import paths
 from psa_jax.core.outputs import OutputExistsError, atomic_folder
 from psa_jax.eval.plans import BASE, PSA, EvalItem
 from psa_jax.eval.summary import to_json
@@ -26,9 +27,9 @@ GRID_COLUMNS = 8
 
 def check_out(out: str, marker: str) -> None:
     """Refuse an ``out`` that is a file or a folder of someone else's files (cheap, up front)."""
-    if os.path.isfile(out):
+    if paths.isfile(out):
         raise OutputExistsError(f"--out {out!r} is a file")
-    if os.path.isdir(out) and os.listdir(out) and not os.path.isfile(os.path.join(out, marker)):
+    if paths.isdir(out) and paths.listdir(out) and not paths.isfile(os.path.join(out, marker)):
         raise OutputExistsError(
             f"--out {out!r} is not empty and holds no {marker}: choose a new folder"
         )
@@ -39,8 +40,8 @@ def atomic_output(out: str, marker: str) -> Iterator[str]:
     """Yield a temporary folder that replaces ``out`` once complete (removed on an error): an
     empty ``out``, or an earlier result of this command (it holds ``marker``)."""
     check_out(out, marker)
-    earlier = os.path.isfile(os.path.join(out, marker))
-    with atomic_folder(out, replaceable=set(os.listdir(out)) if earlier else None) as tmp:
+    earlier = paths.isfile(os.path.join(out, marker))
+    with atomic_folder(out, replaceable=set(paths.listdir(out)) if earlier else None) as tmp:
         yield tmp
 
 

@@ -7,7 +7,9 @@ holds a complete checkpoint (of ``step``), that its task has what the format exp
 :class:`~psa_jax.core.checkpoint.RunNotFoundError` naming the folder. The result is written under a
 temporary name beside ``out`` and renamed into place when complete: a failed or killed export
 leaves no half-written file or folder. An existing ``out`` file is replaced; an existing
-folder only when it is empty or holds nothing but an earlier export of the same format.
+folder only when it is empty or holds nothing but an earlier export of the same format. The
+run and ``out`` may be ``gs://`` URIs (``out`` is then uploaded once complete; see
+:mod:`psa_jax.core.outputs`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from psa_jax.core import paths
 from psa_jax.core.checkpoint import require_run
 from psa_jax.core.outputs import (
     atomic_file,
@@ -68,7 +71,7 @@ def check_export(workdir: str, fmt: str, step: int | None = None) -> dict:
 
 def _file_out(out: str, fmt: str) -> str:
     """The file ``out`` names: for ``peft-lora`` a folder ``out`` gets diffusers' file name."""
-    if fmt == "peft-lora" and os.path.isdir(out):
+    if fmt == "peft-lora" and paths.isdir(out):
         from psa_jax.train.lora import WEIGHT_NAME
 
         return os.path.join(out, WEIGHT_NAME)

@@ -21,6 +21,7 @@ import numpy as np
 from flax.core import meta
 
 from psa_jax.core import diffusion as noise_lib
+from psa_jax.core import paths
 from psa_jax.core.checkpoint import restore_host_params
 from psa_jax.core.errors import PsaJaxError
 from psa_jax.data.prepare import open_tokenizer
@@ -152,6 +153,10 @@ def model_init(model: Any) -> str:
     init = model.init
     if init not in INITS:
         raise ModelInitError(f"model.init {init!r} unknown; one of {INITS}")
+    for key in ("pretrained", "vae_path"):  # model.base_workdir, a run, may be gs://
+        if key in model:
+            paths.require_local(model[key], f"model.{key}", "diffusers folders are read as "
+                                "local files; copy it to a local disk first")  # fmt: skip
     if init == "pretrained" and model.pretrained and model.base_workdir:
         raise ModelInitError(
             f"model.pretrained ({model.pretrained!r}) and model.base_workdir "

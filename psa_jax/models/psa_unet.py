@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core import meta
 
+from psa_jax.core import paths
 from psa_jax.models import convert
 from psa_jax.models.adapter_io import adapter_shape, export_adapter, import_adapter
 from psa_jax.models.compiled import jitted_apply
@@ -225,7 +226,7 @@ class _AdapterSource:
 
     @classmethod
     def read(cls, path: str) -> _AdapterSource:
-        if os.path.isdir(os.path.join(path, "checkpoints")):  # a psa_jax training run
+        if paths.isdir(os.path.join(path, "checkpoints")):  # a psa_jax run (or gs:// one)
             from psa_jax.core.checkpoint import restore_host_params
 
             params, config = restore_host_params(path)

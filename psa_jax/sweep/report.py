@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from psa_jax.core import paths
 from psa_jax.eval.report import bar_plot, write_csv
 from psa_jax.sweep.plan import SweepError
 from psa_jax.sweep.run import RUN_FILE, SWEEP_FILE, read_json
@@ -30,7 +31,7 @@ def run_row(folder: str) -> tuple[dict[str, Any], dict[int, dict]]:
     row.update({k: v for k, v in (record.get("swept") or {}).items()})
     row["status"] = record.get("status", "unknown")
     steps: dict[int, dict] = {}
-    if os.path.isfile(os.path.join(folder, METRICS_FILE)):
+    if paths.isfile(os.path.join(folder, METRICS_FILE)):
         steps = last_per_step(read_metrics(folder))
     train = [(s, m["loss"]) for s, m in steps.items() if "loss" in m]
     row["step"] = max(steps) if steps else None
@@ -52,13 +53,17 @@ def sweep_report(sweep_dir: str, out: str | None = None) -> list[dict[str, Any]]
     sweep = read_json(os.path.join(sweep_dir, SWEEP_FILE))
     if sweep is None:
         raise SweepError(f"{sweep_dir} has no {SWEEP_FILE}: not a sweep folder")
-    out = out or sweep_dir
-    os.makedirs(out, exist_ok=True)
     rows, curves = [], {}
     for name in sweep["runs"]:
         row, steps = run_row(os.path.join(sweep_dir, name))
         rows.append(row)
         curves[name] = [(s, m["loss"]) for s, m in steps.items() if "loss" in m]
+    with paths.staged(out or sweep_dir) as folder:  # gs://: written here, then uploaded
+        _write_report(folder, rows, curves)
+    return rows
+
+
+def _write_report(out: str, rows: list[dict[str, Any]], curves: dict[str, list]) -> None:
     write_csv(os.path.join(out, "sweep.csv"), rows)
     _loss_plot(os.path.join(out, "loss.png"), curves)
     evals = [k for k in dict.fromkeys(k for r in rows for k in r) if k.startswith("eval/")]
@@ -72,7 +77,6 @@ def sweep_report(sweep_dir: str, out: str | None = None) -> list[dict[str, Any]]
                  [r["run"].split("-", 1)[0] for r in rows], {key: values},
                  f"{key} at each run's last evaluation", key,
                  ylim=(0, 1) if 0 <= min(finite, default=0) and top <= 1 else None)  # fmt: skip
-    return rows
 
 
 def _loss_plot(path: str, curves: Mapping[str, Sequence[tuple[int, float]]]) -> None:

@@ -7,6 +7,8 @@ plus ``sweep_run.json`` (overrides, resolved config, status, exit code, seconds)
 ``train.log``. Each local run is its own ``psa-jax train`` process, so a run that fails
 (non-zero exit, a crash, a killed process) is recorded as failed and the next one starts;
 rerunning the sweep skips the runs already done and resumes the others from their checkpoints.
+``OUT`` may be ``gs://`` in the local and TPU modes (SLURM writes its logs to a local folder);
+``train.log`` is then written here and uploaded when its run ends.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from psa_jax.core import paths
 from psa_jax.core.outputs import atomic_file
 from psa_jax.sweep.plan import SweepError, SweepRun, run_record
 
@@ -42,16 +45,16 @@ def _write_json(path: str, obj: Any) -> None:
 
 
 def read_json(path: str) -> dict[str, Any] | None:
-    if not os.path.isfile(path):
+    if not paths.isfile(path):
         return None
-    with open(path, encoding="utf-8") as f:
+    with paths.open_file(path, encoding="utf-8") as f:
         return json.load(f)
 
 
 def prepare(out: str, spec_path: str, runs: Sequence[SweepRun]) -> None:
     """``sweep.json`` and every run's folder with its ``sweep_run.json`` (status ``pending``
     unless an earlier invocation left one). A folder holding another sweep is an error."""
-    os.makedirs(out, exist_ok=True)
+    paths.makedirs(out)
     sweep = {"sweep_file": os.path.abspath(spec_path), "runs": [r.name for r in runs]}
     prev = read_json(os.path.join(out, SWEEP_FILE))
     if prev is not None and prev["runs"] != sweep["runs"]:
@@ -59,7 +62,7 @@ def prepare(out: str, spec_path: str, runs: Sequence[SweepRun]) -> None:
     _write_json(os.path.join(out, SWEEP_FILE), sweep)
     for run in runs:
         folder = os.path.join(out, run.name)
-        os.makedirs(folder, exist_ok=True)
+        paths.makedirs(folder)
         if read_json(os.path.join(folder, RUN_FILE)) is None:
             _write_json(os.path.join(folder, RUN_FILE), {**run_record(run), "status": "pending"})
 
@@ -92,7 +95,7 @@ def run_local(
         log(f"[{i + 1}/{len(runs)}] {run.name}: {shlex.join(train_argv(run, folder))}")
         _update(folder, status="running", command=argv)
         t0 = time.time()
-        with open(os.path.join(folder, LOG_FILE), "ab") as f:
+        with paths.appending(os.path.join(folder, LOG_FILE)) as f:
             code = subprocess.call(argv, stdout=f, stderr=subprocess.STDOUT)
         status = "done" if code == 0 else "failed"
         record = _update(folder, status=status, returncode=code,

@@ -2,6 +2,11 @@
 
 JSONL is the record that tests, notebooks and resumed runs read back (``read_metrics``);
 TensorBoard is for watching. Only process 0 should write: the others pass ``enabled=False``.
+
+A ``gs://`` workdir cannot be appended to: the writer keeps its files in a local staging
+folder (starting from the run's ``metrics.jsonl`` and ``text.jsonl`` when it resumes) and
+uploads them whole every ``sync_secs``, at :meth:`MetricWriter.sync` (the trainer calls it
+at each checkpoint) and on close. A crash loses what was logged since the last upload.
 """
 
 from __future__ import annotations
@@ -10,11 +15,16 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
+
+from psa_jax.core import paths
 
 METRICS_FILE = "metrics.jsonl"
 TEXT_FILE = "text.jsonl"
@@ -80,22 +90,40 @@ class MetricWriter:
     The JSONL file is opened in append mode and flushed every ``write``, so a crashed or resumed
     run keeps all it logged (``last_per_step`` resolves replayed steps). ``enabled=False``
     creates nothing, so every process can hold a writer and call it unconditionally.
+    A ``gs://`` workdir is written through a local staging folder (module docstring).
     """
 
     def __init__(
-        self, workdir: str | os.PathLike, *, enabled: bool = True, tensorboard: bool = True
+        self,
+        workdir: str | os.PathLike,
+        *,
+        enabled: bool = True,
+        tensorboard: bool = True,
+        sync_secs: float = 60.0,
     ):
         self.workdir = os.fspath(workdir)
         self.enabled = enabled
+        self.sync_secs = sync_secs
         self._jsonl = None
         self._text = None
         self._tb = None
+        self._remote: str | None = None  # gs:// workdir: _folder is its local staging copy
+        self._folder = self.workdir
+        self._synced = time.monotonic()
+        self._uploaded: dict[str, tuple] = {}  # gs://: what sync() uploaded, unchanged since
         if not enabled:
             return
-        os.makedirs(self.workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(self.workdir, METRICS_FILE), "a", encoding="utf-8")
+        if paths.is_remote(self.workdir):
+            self._remote = self.workdir.rstrip("/")
+            self._folder = tempfile.mkdtemp(prefix="psa_jax-metrics-")
+            for name in (METRICS_FILE, TEXT_FILE):  # a resumed run appends to its records
+                if paths.isfile(f"{self._remote}/{name}"):
+                    paths.download_file(f"{self._remote}/{name}", os.path.join(self._folder, name))
+        else:
+            os.makedirs(self.workdir, exist_ok=True)
+        self._jsonl = open(os.path.join(self._folder, METRICS_FILE), "a", encoding="utf-8")
         if tensorboard:
-            self._tb = _summary_writer(os.path.join(self.workdir, TENSORBOARD_DIR))
+            self._tb = _summary_writer(os.path.join(self._folder, TENSORBOARD_DIR))
 
     def write(self, step: int, scalars: Mapping[str, Any]) -> None:
         """Log scalars (numbers, numpy scalars or one-element arrays) at ``step``."""
@@ -110,13 +138,15 @@ class MetricWriter:
         if self._tb is not None:
             for name, v in values.items():
                 self._tb.add_scalar(name, float(v), global_step=int(step))
+        if self._remote is not None and time.monotonic() - self._synced >= self.sync_secs:
+            self.sync()
 
     def write_text(self, step: int, name: str, text: str) -> None:
         """Log a string (prompts, a config dump) to ``text.jsonl`` and TensorBoard's text tab."""
         if not self.enabled:
             return
         if self._text is None:
-            self._text = open(os.path.join(self.workdir, TEXT_FILE), "a", encoding="utf-8")
+            self._text = open(os.path.join(self._folder, TEXT_FILE), "a", encoding="utf-8")
         self._text.write(json.dumps({"step": int(step), "name": name, "text": text}) + "\n")
         self._text.flush()
         if self._tb is not None:
@@ -133,7 +163,7 @@ class MetricWriter:
         flat = {
             k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in hparams.items()
         }
-        with open(os.path.join(self.workdir, "hparams.json"), "w", encoding="utf-8") as f:
+        with open(os.path.join(self._folder, "hparams.json"), "w", encoding="utf-8") as f:
             json.dump(flat, f, indent=2, sort_keys=True)
         if self._tb is not None:
             from tensorboardX.summary import hparams as hparams_summary
@@ -149,12 +179,23 @@ class MetricWriter:
         if self._tb is not None:
             self._tb.flush()
 
+    def sync(self) -> None:
+        """gs://: upload the staged files whole, as far as written; local: nothing."""
+        if self._remote is None or not self.enabled:
+            return
+        self.flush()
+        paths.upload_tree(self._folder, self._remote, self._uploaded)
+        self._synced = time.monotonic()
+
     def close(self) -> None:
         for f in (self._jsonl, self._text):
             if f is not None:
                 f.close()
         if self._tb is not None:
             self._tb.close()
+        if self._remote is not None and self.enabled:
+            paths.upload_tree(self._folder, self._remote, self._uploaded)
+            shutil.rmtree(self._folder, ignore_errors=True)
         self._jsonl = self._text = self._tb = None
         self.enabled = False
 
@@ -178,9 +219,9 @@ def read_metrics(path_or_workdir: str | os.PathLike) -> list[dict]:
     it means the file is not what this module wrote.
     """
     path = os.fspath(path_or_workdir)
-    if os.path.isdir(path):
+    if paths.isdir(path):
         path = os.path.join(path, METRICS_FILE)
-    with open(path, encoding="utf-8") as f:
+    with paths.open_file(path, encoding="utf-8") as f:
         lines = [line for line in f.read().split("\n") if line.strip()]
     records = []
     for i, line in enumerate(lines):

@@ -17,6 +17,9 @@ Per step: host batch (this process's rows) -> global ``jax.Array`` sharded over
 A non-finite loss or gradient norm raises :class:`NonFiniteError`; the step that produced it
 changed nothing, and the checkpoints on disk are the last good ones.
 
+``workdir`` may be a ``gs://`` URI (:mod:`psa_jax.core.paths`): checkpoints, metrics and
+``summary.json`` go there; the data cache stays local.
+
 ``train`` is four parts: :func:`prepare_inputs` (frozen models, data, loader),
 :func:`create_state` (shardings, then the restored or initial state), :func:`compile_step` /
 :func:`make_evaluator`, and :func:`run_loop`. ``batch_hook(step, batch, checkpointer)`` sees
@@ -41,8 +44,8 @@ from flax.core import meta
 from jax.sharding import PartitionSpec
 from tqdm.auto import tqdm
 
-from psa_jax.core import parallel
-from psa_jax.core.checkpoint import Checkpointer, CheckpointError, complete_steps
+from psa_jax.core import parallel, paths
+from psa_jax.core.checkpoint import Checkpointer, CheckpointError, check_workdir, complete_steps
 from psa_jax.core.errors import PsaJaxError
 from psa_jax.data import prepare
 from psa_jax.data.loader import make_global_batch
@@ -293,6 +296,7 @@ def run_loop(
                 writer.write(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
             if step % every == 0 or step == total:
                 ckpt.save(step, state, _data_state(inputs.loader), cfg_json)
+                writer.sync()  # gs://: metrics as far as the checkpoint (local: nothing)
             progress.update(1)
             progress.set_postfix(loss=f"{m['loss']:.4g}", refresh=False)
     finally:
@@ -316,7 +320,8 @@ def train(
     ``batch_hook``: see the module docstring (tests only).
     """
     check_config(config)  # first: a bad value fails before any set-up and makes no folder
-    workdir = os.path.abspath(os.fspath(workdir))
+    workdir = paths.absolute(workdir)  # a local folder or gs://bucket/... (core.paths)
+    check_workdir(workdir)  # gs://: its client libraries, before any set-up
     if restore_step is not None and restore_step not in (have := complete_steps(workdir)):
         raise CheckpointError(
             f"restore_step {restore_step}: no complete checkpoint step {restore_step} in "
@@ -330,7 +335,7 @@ def train(
             f"mesh {dict(mesh.shape)}"
         )
     inputs = prepare_inputs(config)
-    os.makedirs(workdir, exist_ok=True)  # only once the inputs are known good
+    paths.makedirs(workdir)  # only once the inputs are known good
     # One exit stack from the checkpointer on: a set-up error (config, sharding) closes the
     # manager too, and the writer closes before it, as they were opened.
     with contextlib.ExitStack() as stack:
@@ -356,7 +361,7 @@ def train(
     if config.task == "vae":
         summary["vae"] = _export_vae(inputs.models.vae, state.params, inputs.loader, workdir)
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
+        with paths.open_file(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2)
     return summary
 
@@ -377,5 +382,6 @@ def _export_vae(vae: Any, params: Any, loader: Any, workdir: str) -> dict[str, A
     folder = os.path.join(workdir, "vae")
     trained = FlaxAutoencoderKL(dataclasses.replace(vae.config, scaling_factor=scale), params)
     if jax.process_index() == 0:
-        trained.save_pretrained(folder)
+        with paths.staged(folder) as out:  # gs://: written locally, then uploaded
+            trained.save_pretrained(out)
     return {"path": folder, "scaling_factor": scale, "images": seen}
