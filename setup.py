@@ -20,8 +20,10 @@ setup(
         "psa_jax.models": ["tiny_base/*.json", "tiny_base/*/*.json", "tiny_base/*/*.safetensors"],
     },
     install_requires=[
-        "jax>=0.4.35",
-        "flax>=0.10",
+        # jax.sharding.use_abstract_mesh (0.7.2) and flax.core.meta.global_mesh_defined (0.12):
+        # the activation constraints of core.parallel.with_logical_axes.
+        "jax>=0.7.2",
+        "flax>=0.12",
         "optax",
         "orbax-checkpoint",
         "ml_collections",

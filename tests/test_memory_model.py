@@ -12,7 +12,7 @@ compile takes ~25-40 s on the 2-core CPU whatever the resolution -- with 1 and 2
 ``none`` and ``full``, and require the model's total within 15% of XLA's peak, defined as
 ``argument + output - alias + temp`` (everything live while the step runs: the inputs, the
 outputs not written into donated inputs, and the temporaries at their peak). SDXL at 1024 px
-(~80-140 s) and two CPU devices (data 2; fsdp 2, whose total is a known miss) follow. Each
+(~80-140 s) and two CPU devices (data 2; fsdp 2) follow. Each
 compile runs in a subprocess: XLA reads ``XLA_FLAGS`` once per process, and the flag that
 selects XLA:CPU's memory-minimising scheduler (what GPU/TPU schedulers aim at; the default one
 orders for concurrency and doubles the temporaries here) must be set before JAX starts. The
@@ -253,9 +253,7 @@ def test_fsdp_arguments_are_the_models(fsdp_step):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="under fsdp, XLA's partitioner runs every transformer "
-                   "block on the whole global batch (no activation sharding constraint in the "
-                   "modules): its activations are not split as the model assumes; see "
-                   "docs/scaling.md")  # fmt: skip
 def test_fsdp_total_within_15_percent_of_xla(fsdp_step):
+    """The activations split with the batch (the modules' ``act_batch`` constraints) and each
+    split weight gathered where it is used, not kept gathered until the backward pass."""
     _check(*fsdp_step)

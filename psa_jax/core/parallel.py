@@ -8,6 +8,7 @@ logical_axis_rules`` maps each name to mesh axes. Changing the parallelism is a 
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -68,6 +69,25 @@ def logical_rules(mesh_config: Any) -> tuple[tuple[str, Any], ...]:
         axes = tuple(axes) if isinstance(axes, (list, tuple)) else axes
         rules.append((str(name), axes))
     return tuple(rules)
+
+
+def with_logical_axes(fn: Callable[..., T], mesh: Mesh, rules: Sequence) -> Callable[..., T]:
+    """``fn`` whose body runs under ``mesh`` and the logical-axis ``rules``, so that the modules'
+    activation constraints (``nn.with_logical_constraint(x, ("act_batch", ...))``, no-ops outside
+    such a context) take effect where ``fn`` is traced. Wrap the function given to ``jax.jit``:
+    the context is entered inside the trace, whoever calls or lowers the jitted function.
+
+    Flax applies a constraint only under an abstract mesh (``jax.sharding.get_abstract_mesh()``;
+    the legacy ``with mesh:`` does not set one, and ``jax.set_mesh`` cannot be entered inside
+    ``jax.jit``), hence ``use_abstract_mesh``.
+    """
+
+    @functools.wraps(fn)
+    def wrapped(*args: Any, **kwargs: Any) -> T:
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
+            return fn(*args, **kwargs)
+
+    return wrapped
 
 
 def _axes_size(mesh: Mesh, axes: Any) -> int:

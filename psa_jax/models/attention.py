@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from psa_jax.models.adapter import AdapterDense, user_attention
-from psa_jax.models.layers import Dtype, conv, dense, group_norm, layer_norm, sdpa
+from psa_jax.models.layers import Dtype, constrain_batch, conv, dense, group_norm, layer_norm, sdpa
 
 
 class Attention(nn.Module):
@@ -96,15 +96,17 @@ class BasicTransformerBlock(nn.Module):
     @nn.compact
     def __call__(self, x, context, user_tokens=None, user_scale=1.0):
         kw = dict(heads=self.heads, dim_head=self.dim_head, out_dim=self.dim, dtype=self.dtype)
+        # The residual stream stays split over the batch (see layers.constrain_batch).
+        x = constrain_batch(x)
         h = layer_norm(dtype=self.dtype, name="norm1")(x)
-        x = x + Attention(**kw, name="attn1")(h)
+        x = constrain_batch(x + Attention(**kw, name="attn1")(h))
         h = layer_norm(dtype=self.dtype, name="norm2")(x)
         attn2 = Attention(
             **kw, user_adapter=self.user_adapter, user_fast_path=self.user_fast_path, name="attn2"
         )
-        x = x + attn2(h, context, user_tokens, user_scale)
+        x = constrain_batch(x + attn2(h, context, user_tokens, user_scale))
         h = layer_norm(dtype=self.dtype, name="norm3")(x)
-        return x + FeedForward(self.dim, dtype=self.dtype, name="ff")(h)
+        return constrain_batch(x + FeedForward(self.dim, dtype=self.dtype, name="ff")(h))
 
 
 class Transformer2DModel(nn.Module):
@@ -123,7 +125,7 @@ class Transformer2DModel(nn.Module):
     def __call__(self, x, context, user_tokens=None, user_scale=1.0):
         b, h, w, c = x.shape
         inner = self.heads * self.dim_head
-        residual = x
+        x = residual = constrain_batch(x)
         x = group_norm(self.groups, 1e-6, dtype=self.dtype, name="norm")(x)
         if self.use_linear_projection:
             x = dense(inner, ("embed", "heads"), dtype=self.dtype, name="proj_in")(
@@ -147,4 +149,4 @@ class Transformer2DModel(nn.Module):
             x = x.reshape(b, h, w, c)
         else:
             x = conv(c, 1, dtype=self.dtype, name="proj_out")(x.reshape(b, h, w, inner))
-        return x + residual
+        return constrain_batch(x + residual)

@@ -32,6 +32,7 @@ from psa_jax.models.layers import (
     ResnetBlock2D,
     TimestepEmbedding,
     Upsample2D,
+    constrain_batch,
     conv,
     group_norm,
     timestep_embedding,
@@ -269,7 +270,8 @@ class UNet2DConditionModel(nn.Module):
         cfg = self.config
         b = sample.shape[0]
         timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (b,))
-        ctx = encoder_hidden_states.astype(self.dtype)
+        # Activations split over the batch under a mesh (layers.constrain_batch; else no-ops).
+        ctx = constrain_batch(encoder_hidden_states.astype(self.dtype))
 
         t_emb = timestep_embedding(
             timesteps,
@@ -282,6 +284,7 @@ class UNet2DConditionModel(nn.Module):
         )
         if cfg.addition_embed_type == "text_time":
             emb = emb + self._text_time_embedding(added_cond_kwargs, b)
+        emb = constrain_batch(emb)
 
         user_tokens = None
         if self.user_embed_dim is not None and user_embeds is not None:
@@ -293,11 +296,12 @@ class UNet2DConditionModel(nn.Module):
             user_tokens = UserProjection(
                 self.num_user_tokens, cfg.cross_attention_dim, dtype=self.dtype, name="user_proj"
             )(user_embeds)
+            user_tokens = constrain_batch(user_tokens)
         # Positional, all pytrees (user_tokens may be None): a traced argument of nn.remat.
         attn_args = (ctx, user_tokens, jnp.asarray(user_scale))
 
         x = conv(cfg.block_out_channels[0], 3, dtype=self.dtype, name="conv_in")(
-            sample.astype(self.dtype)
+            constrain_batch(sample.astype(self.dtype))
         )
         skips = [x]
         for i, block_type in enumerate(cfg.down_block_types):
@@ -342,7 +346,7 @@ class UNet2DConditionModel(nn.Module):
 
         x = group_norm(cfg.norm_num_groups, cfg.norm_eps, dtype=self.dtype, name="conv_norm_out")(x)
         x = conv(cfg.out_channels, 3, dtype=self.dtype, name="conv_out")(nn.silu(x))
-        return x
+        return constrain_batch(x)
 
     def _remat(self, cls: type[nn.Module]) -> type[nn.Module]:
         """``cls`` under this model's remat policy (``cls`` itself for "none")."""

@@ -11,8 +11,9 @@ weights, no compilation), so that a mesh and batch can be chosen before a pod is
 
 ``total`` is meant to equal what XLA reports as ``argument + output - alias + temp`` of the
 compiled step (``tests/test_memory_model.py`` compares them on CPU). Activations are split with
-the batch over data x fsdp, as fsdp intends; the modules do not constrain them yet, and under
-fsdp XLA does not split them (docs/scaling.md). Throughput is FLOPs per pair over an assumed
+the batch over data x fsdp, as the compiled step splits them (the modules constrain them to
+``act_batch``; a dense kernel split over fsdp is gathered where it is used, not kept gathered
+until the backward: docs/scaling.md). Throughput is FLOPs per pair over an assumed
 MFU plus the gradient all-reduce (:func:`step_time`).
 """
 

@@ -231,10 +231,13 @@ def _resume(
 
 
 def compile_step(config: Any, run: RunState) -> Callable:
-    """The jitted train step: state donated, placed as :func:`create_state` placed it."""
+    """The jitted train step: state donated, placed as :func:`create_state` placed it, traced
+    under the mesh and the config's logical-axis rules (the modules' activations split over
+    the batch: ``parallel.with_logical_axes``)."""
     sh = run.shardings
+    step = make_train_step(run.setup.task.loss, run.optimizer, int(config.train.accum_steps))
     return jax.jit(
-        make_train_step(run.setup.task.loss, run.optimizer, int(config.train.accum_steps)),
+        parallel.with_logical_axes(step, run.mesh, parallel.logical_rules(config.mesh)),
         in_shardings=(sh["state"], sh["frozen"], sh["batch"]),
         out_shardings=(sh["state"], sh["replicated"]),
         donate_argnums=(0,),

@@ -1,4 +1,9 @@
-"""Run 5 DPO steps of the tiny model on several meshes; print losses and params as JSON.
+"""Run 5 DPO steps of the tiny model on several meshes; print losses, params and each compiled
+step's per-device temporary bytes as JSON.
+
+The step is ``trainer.compile_step``'s (traced under the mesh and the logical-axis rules: the
+modules' activation constraints apply); a shape with ``"constrain": false`` is jitted from
+``make_train_step`` alone, as before those constraints existed, with the same shardings.
 
 Run with XLA_FLAGS=--xla_force_host_platform_device_count=8 (tests/test_train_mesh.py does).
 """
@@ -18,6 +23,8 @@ from psa_jax.core import diffusion as noise
 from psa_jax.core import parallel as sharding
 from psa_jax.models.psa_unet import _adapter_init, abstract_variables, unet_module_from_config
 from psa_jax.train.step import DPOTask, init_state, make_train_step
+from psa_jax.train.tasks import Setup
+from psa_jax.train.trainer import RunState, compile_step
 
 STEPS, BATCH = 5, 8
 
@@ -34,8 +41,11 @@ def batches():
 
 
 def run(shape: dict, devices, dtype) -> dict:
+    shape = dict(shape)
+    constrain = shape.pop("constrain", True)
     cfg = tiny.get_config()
     cfg.mesh.shape = shape
+    cfg.train.accum_steps = 1
     module = unet_module_from_config(cfg.model, dtype=dtype)
     boxes = abstract_variables(module)
     params = meta.unbox(jax.jit(module.init)(jax.random.key(0), **_dummy(module))["params"])
@@ -59,20 +69,30 @@ def run(shape: dict, devices, dtype) -> dict:
         sharding.put_tree(adapter, state_sh.params)
     )
     frozen = sharding.put_tree(params, frozen_sh)
-    step = jax.jit(
-        make_train_step(task.loss, opt),
-        in_shardings=(state_sh, frozen_sh, sharding.batch_sharding(mesh)),
-        out_shardings=(state_sh, sharding.replicated(mesh)),
-        donate_argnums=(0,),
-    )
-    losses = []
+    shardings = {"state": state_sh, "frozen": frozen_sh, "batch": sharding.batch_sharding(mesh),
+                 "replicated": sharding.replicated(mesh)}  # fmt: skip
+    if constrain:
+        setup = Setup(task, None, None, None, None)
+        step = compile_step(cfg, RunState(setup, opt, None, None, 0, mesh, shardings))
+    else:
+        step = jax.jit(
+            make_train_step(task.loss, opt),
+            in_shardings=(state_sh, frozen_sh, shardings["batch"]),
+            out_shardings=(state_sh, shardings["replicated"]),
+            donate_argnums=(0,),
+        )
+    losses, temp_bytes = [], None
     for b in batches():
-        gb = jax.device_put(b, sharding.batch_sharding(mesh))
+        gb = jax.device_put(b, shardings["batch"])
+        if temp_bytes is None:
+            step = step.lower(state, frozen, gb).compile()
+            temp_bytes = int(step.memory_analysis().temp_size_in_bytes)
         state, m = step(state, frozen, gb)
         losses.append(float(m["loss"]))
     sharded = sorted({str(s.spec) for s in jax.tree.leaves(state_sh.params)})
     leaves = [np.asarray(x).ravel() for x in jax.tree.leaves(state.params)]
-    return {"losses": losses, "params": np.concatenate(leaves).tolist(), "specs": sharded}
+    return {"losses": losses, "params": np.concatenate(leaves).tolist(), "specs": sharded,
+            "temp_bytes": temp_bytes}  # fmt: skip
 
 
 def _dummy(module):
