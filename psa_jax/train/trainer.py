@@ -13,7 +13,8 @@ step N, ``fallback_on_corrupt`` from the newest readable step. The steps above t
 from are moved aside (renamed, logged, never deleted) so that the run can write them again.
 
 Per step: host batch (this process's rows) -> global ``jax.Array`` sharded over
-``data x fsdp`` -> jitted ``train_step`` (state donated) -> metrics to JSONL/TensorBoard.
+``data x fsdp`` -> jitted ``train_step`` (state donated) -> metrics to JSONL/TensorBoard, read
+one step late (after the next step is dispatched; at once at evaluation and checkpoint steps).
 A non-finite loss or gradient norm raises :class:`NonFiniteError`; the step that produced it
 changed nothing, and the checkpoints on disk are the last good ones.
 
@@ -273,8 +274,31 @@ def run_loop(
         eval_metrics = evaluate(state)
         writer.write(0, {f"eval/{k}": v for k, v in eval_metrics.items()})
     tick = time.perf_counter()
+    pending: tuple[int, Any] | None = None  # the dispatched step whose metrics are not read
+
+    def finish(done: tuple[int, Any]) -> None:
+        """Read step ``done``'s metrics (waits for it), check them, log them."""
+        nonlocal tick, last
+        step, metrics = done
+        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if not m.pop("finite"):
+            raise NonFiniteError(
+                f"step {step}: loss {m['loss']}, grad norm {m['grad_norm']} (non-finite); "
+                f"stopped with the state of step {step - 1}; newest checkpoint: "
+                f"{ckpt.latest_step()}"
+            )
+        now = time.perf_counter()
+        m.update(lr=float(lr(step - 1)), pairs_per_s=inputs.batch_size / max(now - tick, 1e-9))
+        tick, last = now, m
+        writer.write(step, m)
+        progress.update(1)
+        progress.set_postfix(loss=f"{m['loss']:.4g}", refresh=False)
+
     try:
         for step in range(start + 1, total + 1):
+            # Step ``step - 1`` may still run: its metrics are read only once this step is
+            # dispatched (one-step lag), so the host prepares and places this batch meanwhile
+            # and the device never waits for the host between steps.
             batch = next(inputs.loader)
             local = step_inputs(batch)
             if weigh is not None:
@@ -282,26 +306,23 @@ def run_loop(
             if batch_hook is not None:
                 local = batch_hook(step, local, ckpt)
             gb = make_global_batch(local, run.mesh, PartitionSpec(parallel.BATCH_AXES))
+            # A non-finite step leaves the state as it was, so the step dispatched after it
+            # starts from the last good state; its error is raised by finish() below.
             state, metrics = step_fn(state, run.frozen, gb)
-            m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            if not m.pop("finite"):
-                raise NonFiniteError(
-                    f"step {step}: loss {m['loss']}, grad norm {m['grad_norm']} (non-finite); "
-                    f"stopped with the state of step {step - 1}; newest checkpoint: "
-                    f"{ckpt.latest_step()}"
-                )
-            now = time.perf_counter()
-            m.update(lr=float(lr(step - 1)), pairs_per_s=inputs.batch_size / max(now - tick, 1e-9))
-            tick, last = now, m
-            writer.write(step, m)
-            if evaluate is not None and (step % int(tcfg.eval_every) == 0 or step == total):
+            if pending is not None:
+                finish(pending)
+            pending = (step, metrics)
+            evaluating = evaluate is not None and (step % int(tcfg.eval_every) == 0
+                                                   or step == total)  # fmt: skip
+            if evaluating or step % every == 0 or step == total:
+                finish(pending)  # nothing is evaluated or saved before its step is checked
+                pending = None
+            if evaluating:
                 eval_metrics = evaluate(state)
                 writer.write(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
             if step % every == 0 or step == total:
                 ckpt.save(step, state, _data_state(inputs.loader), cfg_json)
                 writer.sync()  # gs://: metrics as far as the checkpoint (local: nothing)
-            progress.update(1)
-            progress.set_postfix(loss=f"{m['loss']:.4g}", refresh=False)
     finally:
         progress.close()
     return state, last, eval_metrics
