@@ -147,9 +147,13 @@ def add_training(
     model = config.model
     # init_adapter (task=dpo): "" = a fresh adapter (model.adapter.proj_init); else an adapter
     # file (PSAlign, diffusers IP-Adapter) or a dpo run folder to start from.
+    # attention: "xla" | "cudnn" | "auto" (models.layers.ATTENTION_IMPLS). "auto" picks cuDNN's
+    # flash attention on a CUDA GPU for bf16/fp16 heads up to 128 wide; XLA until measured on
+    # a GPU (issue 18: `psa-jax bench --attention auto`).
     for key, value in (("dtype", dtype), ("init_seed", 0), ("pretrained", ""),
                        ("base_workdir", ""), ("vae_path", ""), ("remat_policy", "none"),
-                       ("text_layer", text_layer), ("init_adapter", "")):  # fmt: skip
+                       ("text_layer", text_layer), ("init_adapter", ""),
+                       ("attention", "xla")):  # fmt: skip
         if key not in model:
             model[key] = value
     config.task = "dpo"

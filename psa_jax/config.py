@@ -27,8 +27,8 @@ from psa_jax.core.errors import PsaJaxError
 log = logging.getLogger(__name__)
 
 # v1: runs written before the version was recorded. v2: every key below is in the saved config.
-# v3: train.unsafe_weights. v4: model.init_adapter. v5: train.dpo_balance.
-SCHEMA_VERSION = 5
+# v3: train.unsafe_weights. v4: model.init_adapter. v5: train.dpo_balance. v6: model.attention.
+SCHEMA_VERSION = 6
 
 
 class ConfigFileError(PsaJaxError, FileNotFoundError):
@@ -121,6 +121,13 @@ def _dpo_balance(d: dict) -> list[str]:
     return done
 
 
+def _attention(d: dict) -> list[str]:
+    done: list[str] = []
+    if "model" in d:
+        _fill(d, "model.attention", "xla", done)  # XLA's attention was the only one
+    return done
+
+
 MIGRATIONS = (
     Migration(
         "pre-schema-defaults",
@@ -146,6 +153,12 @@ MIGRATIONS = (
         5,
         "train.dpo_balance did not exist: every DPO pair's loss weighed the same",
         _dpo_balance,
+    ),
+    Migration(
+        "attention",
+        6,
+        "model.attention did not exist: the UNet's attention was XLA's",
+        _attention,
     ),
 )
 

@@ -103,7 +103,8 @@ def psa_jax_contestant(
         gb.clear()
 
     device = run.mesh.devices.flat[0]
-    notes = f"jit(train_step) AOT; mesh {dict(run.mesh.shape)}; remat {config_remat(shape)}"
+    notes = (f"jit(train_step) AOT; mesh {dict(run.mesh.shape)}; remat {config_remat(shape)}; "
+             f"attention {shape.config.model.attention}")  # fmt: skip
     return Contestant(
         "psa_jax",
         step,

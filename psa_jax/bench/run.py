@@ -39,6 +39,7 @@ class BenchOptions:
     config_dir: str | None = None
     torch_threads: int | None = None  # None: torch's default (one per physical core)
     remat: str | None = None  # None: the shape's / config's remat policy
+    attention: str | None = None  # None: the config's model.attention
 
 
 def devices(opts: BenchOptions) -> tuple[list, str]:
@@ -67,7 +68,14 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = print) -> dict[st
         torch.set_num_threads(int(opts.torch_threads))
     dtype = opts.dtype or ("bfloat16" if tdev.startswith("cuda") else "float32")
     batch = opts.batch or (8 if opts.what == "sample" else None)
-    shape = resolve(opts.shape, batch=batch, dtype=dtype, configs=opts.config_dir, remat=opts.remat)
+    shape = resolve(
+        opts.shape,
+        batch=batch,
+        dtype=dtype,
+        configs=opts.config_dir,
+        remat=opts.remat,
+        attention=opts.attention,
+    )
     batch = batch or int(shape.config.train.batch_size)
     peak = peak_tflops(_device_name(jdevs[0], tdev), opts.peak_tflops)
     if opts.what == "train":

@@ -15,6 +15,7 @@ the negative branch (PSAlign's guidance), one user's profile for every prompt.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from typing import Any
@@ -88,6 +89,8 @@ def psa_jax_sampler(
     from psa_jax.sample.pipeline import Pipeline
 
     pipe = Pipeline.from_pretrained(root, adapter=adapter, dtype=shape.config.model.dtype)
+    attention = str(shape.config.model.attention)  # a folder's UNet samples with XLA's
+    pipe = dataclasses.replace(pipe, module=pipe.module.clone(attention=attention))
     users = np.tile(profile(shape), (batch, 1))
     texts, seeds = prompts(batch), np.arange(batch)
 
@@ -116,7 +119,10 @@ def psa_jax_sampler(
         call,
         lambda out: None,
         peak_memory=peak,
-        info={"notes": "Pipeline (compiled fori_loop sampler)", "device": kind},
+        info={
+            "notes": f"Pipeline (compiled fori_loop sampler); attention {attention}",
+            "device": kind,
+        },
     )
 
 

@@ -203,10 +203,12 @@ def resolve(
     dtype: str = "float32",
     configs: str | None = None,
     remat: str | None = None,
+    attention: str | None = None,
 ) -> BenchShape:
     """The shape ``name`` at ``dtype`` with ``batch`` pairs per step (default: the spec's or the
     config's), its config switched to random frozen weights and PSAlign's DPO loss (no
-    chosen-image term; the config's beta); ``remat``: a remat policy instead of the spec's or
+    chosen-image term; the config's beta); ``attention``: ``model.attention`` instead of the
+    config's; ``remat``: a remat policy instead of the spec's or
     the config's."""
     if name not in SHAPES:
         raise ValueError(f"unknown shape {name!r}; shapes: {sorted(SHAPES)}")
@@ -215,6 +217,8 @@ def resolve(
     model = config.model
     model.init, model.dtype = "random", dtype
     model.remat_policy = remat or spec.remat or model.get("remat_policy", "none")
+    if attention is not None:
+        model.attention = attention
     unet_dict = {**dict(model.unet), **(spec.unet_overrides or {})}
     vae = dict(spec.vae or model.vae)
     texts = spec.text_encoders or (dict(model.text_encoder),)

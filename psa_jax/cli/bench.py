@@ -2,7 +2,8 @@
 
     psa-jax bench --shape {tiny,sd15-256,sd15,sdxl,tiny-xl} --what {train,sample} [--steps N]
                   [--batch N] [--dtype D] [--device auto|cpu|gpu] [--peak-tflops T]
-                  [--torch-compile auto|on|off] [--torch-threads N] [--remat P] [--json PATH]
+                  [--torch-compile auto|on|off] [--torch-threads N] [--remat P]
+                  [--attention xla|cudnn|auto] [--json PATH]
 
 Contestants (``psa_jax``, ``torch-psalign``, ``torch-fair``) run in this one process, on the same
 random weights, shapes, batch and dtype; see :mod:`psa_jax.bench`. Speed is measured here and
@@ -44,6 +45,7 @@ def _bench_cmd(args: argparse.Namespace) -> int:
         contestants=tuple(args.contestants),
         torch_threads=args.torch_threads,
         remat=args.remat,
+        attention=args.attention,
         seed=args.seed,
         config_dir=args.config_dir,
     )
@@ -106,6 +108,12 @@ def register(subparsers: Any) -> None:
         choices=("none", "full", "dots", "dots_no_batch"),
         help="psa_jax's remat policy (torch-fair checkpoints when not none); default: the "
         "config's, full for sdxl",
+    )
+    p.add_argument(
+        "--attention",
+        choices=("xla", "cudnn", "auto"),
+        help="psa_jax's attention (model.attention): cudnn = cuDNN flash attention; auto = "
+        "cuDNN where it applies (CUDA, bf16/fp16, heads <= 128 wide); default: the config's",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--config-dir", help="the configs/ folder (default: ./configs)")

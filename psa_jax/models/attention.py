@@ -31,6 +31,7 @@ class Attention(nn.Module):
     norm_eps: float = 1e-6
     user_adapter: bool = False
     user_fast_path: bool = True
+    attention: str = "xla"  # layers.ATTENTION_IMPLS
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -52,7 +53,8 @@ class Attention(nn.Module):
             )(y)
 
         q = proj("to_q", x)
-        out = sdpa(q, proj("to_k", ctx), proj("to_v", ctx), self.heads)
+        k, v = proj("to_k", ctx), proj("to_v", ctx)
+        out = sdpa(q, k, v, self.heads, implementation=self.attention)
         if self.user_adapter and user_tokens is not None:
             uk = AdapterDense(inner, dtype=self.dtype, name="to_k_user")(user_tokens)
             uv = AdapterDense(inner, dtype=self.dtype, name="to_v_user")(user_tokens)
@@ -91,11 +93,13 @@ class BasicTransformerBlock(nn.Module):
     dim_head: int
     user_adapter: bool = False
     user_fast_path: bool = True
+    attention: str = "xla"
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, context, user_tokens=None, user_scale=1.0):
-        kw = dict(heads=self.heads, dim_head=self.dim_head, out_dim=self.dim, dtype=self.dtype)
+        kw = dict(heads=self.heads, dim_head=self.dim_head, out_dim=self.dim,
+                  attention=self.attention, dtype=self.dtype)  # fmt: skip
         # The residual stream stays split over the batch (see layers.constrain_batch).
         x = constrain_batch(x)
         h = layer_norm(dtype=self.dtype, name="norm1")(x)
@@ -119,6 +123,7 @@ class Transformer2DModel(nn.Module):
     use_linear_projection: bool = False
     user_adapter: bool = False
     user_fast_path: bool = True
+    attention: str = "xla"
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -140,6 +145,7 @@ class Transformer2DModel(nn.Module):
                 self.dim_head,
                 user_adapter=self.user_adapter,
                 user_fast_path=self.user_fast_path,
+                attention=self.attention,
                 dtype=self.dtype,
                 name=f"transformer_blocks.{i}",
             )

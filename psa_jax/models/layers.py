@@ -144,6 +144,52 @@ def timestep_embedding(
     return emb
 
 
+# ``model.attention``: how the UNet's attention is computed. "xla": XLA's softmax(QK^T)V (every
+# backend); "cudnn": cuDNN's fused flash attention (``jax.nn.dot_product_attention``), an error
+# where it does not apply; "auto": cuDNN where it applies, XLA elsewhere, each fallback logged.
+ATTENTION_IMPLS = ("xla", "cudnn", "auto")
+_CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+_CUDNN_MAX_HEAD_DIM = 128  # cuDNN's flash attention (SD1.5's 160-wide heads do not qualify)
+
+
+def attention_implementation(
+    requested: str, dtype: Any, head_dim: int, platform: str | None = None
+) -> tuple[str, str | None]:
+    """``(implementation, why_not_cudnn)`` for attention in ``dtype`` with ``head_dim``-wide heads
+    on ``platform`` ("cuda", "rocm", "cpu", "tpu"; default: JAX's default backend).
+    ``requested`` is one of :data:`ATTENTION_IMPLS`; only "auto" chooses, and its reason is
+    None when it chose cuDNN."""
+    if requested not in ATTENTION_IMPLS:
+        raise ValueError(f"unknown attention {requested!r}; choose one of {ATTENTION_IMPLS}")
+    if requested != "auto":
+        return requested, None
+    platform = platform or _default_platform()
+    if platform != "cuda":
+        return "xla", f"the backend is {platform}, not a CUDA GPU"
+    if jnp.dtype(dtype) not in _CUDNN_DTYPES:
+        return "xla", f"{jnp.dtype(dtype).name} (cuDNN takes bfloat16/float16)"
+    if head_dim % 8 or head_dim > _CUDNN_MAX_HEAD_DIM:
+        return "xla", f"head dim {head_dim} (cuDNN: a multiple of 8, at most 128)"
+    return "cudnn", None
+
+
+def _default_platform() -> str:
+    """JAX's default backend, with a GPU named by its runtime ("cuda" or "rocm")."""
+    backend = jax.default_backend()
+    if backend != "gpu":
+        return backend
+    version = str(getattr(jax.devices()[0].client, "platform_version", "")).lower()
+    return "rocm" if "rocm" in version else "cuda"
+
+
+@functools.cache
+def _log_fallback(reason: str) -> None:
+    """Once per reason and process: "auto" attention that runs XLA says why."""
+    import logging
+
+    logging.getLogger(__name__).info("attention 'auto': XLA instead of cuDNN where %s", reason)
+
+
 def sdpa(
     q: jax.Array,
     k: jax.Array,
@@ -151,11 +197,18 @@ def sdpa(
     heads: int,
     mask: jax.Array | None = None,
     is_causal: bool = False,
+    implementation: str = "xla",
 ) -> jax.Array:
-    """Multi-head scaled dot-product attention on ``[B, L, heads*dim]`` tensors."""
+    """Multi-head scaled dot-product attention on ``[B, L, heads*dim]`` tensors;
+    ``implementation``: one of :data:`ATTENTION_IMPLS`, resolved where this is traced."""
     b, lq, inner = q.shape
+    impl, why = attention_implementation(implementation, q.dtype, inner // heads)
+    if why is not None and implementation == "auto":
+        _log_fallback(why)
     split = lambda x: x.reshape(x.shape[0], x.shape[1], heads, inner // heads)  # noqa: E731
-    out = jax.nn.dot_product_attention(split(q), split(k), split(v), mask=mask, is_causal=is_causal)
+    out = jax.nn.dot_product_attention(
+        split(q), split(k), split(v), mask=mask, is_causal=is_causal, implementation=impl
+    )
     return out.reshape(b, lq, inner)
 
 

@@ -331,7 +331,8 @@ def unet_module_from_config(
 
     ``unet_config`` (a pretrained folder's) replaces ``model.unet``. ``model.remat_policy``
     (optional, default "none") picks the gradient-checkpointing policy, one of
-    :data:`psa_jax.models.unet.REMAT_POLICIES`.
+    :data:`psa_jax.models.unet.REMAT_POLICIES`; ``model.attention`` how attention is computed
+    (:data:`psa_jax.models.layers.ATTENTION_IMPLS`).
     """
     adapter = model_config.adapter
     return UNet2DConditionModel(
@@ -340,4 +341,5 @@ def unet_module_from_config(
         num_user_tokens=adapter.num_user_tokens,
         dtype=jnp.dtype(dtype),
         remat_policy=model_config.remat_policy,
+        attention=model_config.attention,
     )

@@ -32,6 +32,7 @@ from psa_jax.models.layers import (
     ResnetBlock2D,
     TimestepEmbedding,
     Upsample2D,
+    attention_implementation,
     constrain_batch,
     conv,
     group_norm,
@@ -255,6 +256,7 @@ class UNet2DConditionModel(nn.Module):
     user_fast_path: bool = True
     dtype: Dtype = jnp.float32
     remat_policy: str = "none"
+    attention: str = "xla"  # how attention is computed: layers.ATTENTION_IMPLS
 
     @nn.compact
     def __call__(
@@ -267,6 +269,7 @@ class UNet2DConditionModel(nn.Module):
         user_scale: float | jax.Array = 1.0,
     ) -> jax.Array:
         remat_policy_fn(self.remat_policy)  # an unknown name fails before anything is built
+        attention_implementation(self.attention, self.dtype, 8, "cpu")  # likewise a bad name
         cfg = self.config
         b = sample.shape[0]
         timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (b,))
@@ -373,6 +376,7 @@ class UNet2DConditionModel(nn.Module):
             use_linear_projection=cfg.use_linear_projection,
             user_adapter=self.user_embed_dim is not None,
             user_fast_path=self.user_fast_path,
+            attention=self.attention,
             dtype=self.dtype,
             name=name,
         )

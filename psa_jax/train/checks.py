@@ -11,6 +11,7 @@ import numpy as np
 
 from psa_jax.core.errors import PsaJaxError
 from psa_jax.data.profiles import CATEGORIES
+from psa_jax.models.layers import ATTENTION_IMPLS
 from psa_jax.train.optim import OPTIMIZERS, SCHEDULES, make_optimizer
 from psa_jax.train.tasks import TASKS
 
@@ -51,7 +52,7 @@ def check_config(config: Any) -> None:
     the loop's counts (``train.steps``, ``batch_size``, ``accum_steps``, ``checkpoint_every``
     >= 1; ``eval_every`` >= 0; ``keep_checkpoints`` None or >= 1; the eval sizes >= 1 when it
     evaluates), the loss weights, ``model.init_adapter`` (an existing file or folder, task
-    ``dpo`` only), and the ``optim`` section (``learning_rate`` > 0, known
+    ``dpo`` only), ``model.attention``, and the ``optim`` section (``learning_rate`` > 0, known
     optimizer and schedule, a schedule that can be built). Reads the config only: milliseconds,
     before any model, data or folder."""
     task = _value(config, "task")
@@ -74,6 +75,9 @@ def check_config(config: Any) -> None:
     _check_unsafe_weights(config, task)
     _check_dpo_balance(config, task)
     _check_init_adapter(config, task)
+    if _value(config, "model.attention") not in ATTENTION_IMPLS:
+        raise ConfigValueError(f"model.attention={config.model.attention!r}: one of "
+                               f"{ATTENTION_IMPLS}")  # fmt: skip
     _check_number(config, "optim.learning_rate", 0.0, above=True)
     for key, known in (("name", OPTIMIZERS), ("schedule", SCHEDULES)):
         if _value(config, f"optim.{key}") not in known:

@@ -1,0 +1,78 @@
+"""``model.attention``: which attention implementation the UNet runs ("xla", "cudnn", "auto").
+
+cuDNN itself needs a CUDA GPU (measured by ``psa-jax bench --attention``, never here); these
+tests pin down the choice "auto" makes, that it changes nothing where it falls back, and that
+the key is checked and migrated like every other."""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import tiny
+from psa_jax.models import layers
+from psa_jax.models.layers import attention_implementation
+
+
+def test_auto_picks_cudnn_only_where_it_applies():
+    bf16, f32 = jnp.bfloat16, jnp.float32
+    assert attention_implementation("auto", bf16, 64, "cuda") == ("cudnn", None)
+    assert attention_implementation("auto", jnp.float16, 128, "cuda") == ("cudnn", None)
+    for dtype, head, platform, why in (
+        (bf16, 64, "cpu", "backend is cpu"),
+        (bf16, 64, "tpu", "backend is tpu"),
+        (bf16, 64, "rocm", "backend is rocm"),
+        (f32, 64, "cuda", "float32"),
+        (bf16, 160, "cuda", "head dim 160"),  # SD1.5's deepest level
+        (bf16, 20, "cuda", "head dim 20"),  # not a multiple of 8
+    ):
+        impl, reason = attention_implementation("auto", dtype, head, platform)
+        assert impl == "xla" and why in reason, (dtype, head, platform, reason)
+    # Asked by name, nothing is chosen for the user.
+    assert attention_implementation("cudnn", f32, 160, "cpu") == ("cudnn", None)
+    assert attention_implementation("xla", bf16, 64, "cuda") == ("xla", None)
+    with pytest.raises(ValueError, match="unknown attention 'flash'"):
+        attention_implementation("flash", bf16, 64, "cuda")
+
+
+def test_auto_on_this_backend_is_xla_to_the_bit_and_says_why(caplog):
+    """On CPU "auto" runs XLA's attention: the same UNet output, bit for bit, as "xla"; the
+    fallback is logged with its reason."""
+    from psa_jax.models.psa_unet import init_variables, unet_module_from_config
+
+    cfg = tiny.get_config().model
+    module = unet_module_from_config(cfg)
+    assert module.attention == "xla"  # the configs' default until measured on a GPU
+    variables = init_variables(module, 0)
+    variables = jax.tree.map(lambda a: a + 0.01, variables)  # a non-zero adapter
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 16, 16, 4)), jnp.float32)
+    ctx = jnp.asarray(rng.standard_normal((2, 8, 32)), jnp.float32)
+    user = jnp.asarray(rng.standard_normal((2, 384)), jnp.float32)
+    layers._log_fallback.cache_clear()
+    outs = {}
+    with caplog.at_level(logging.INFO, logger="psa_jax.models.layers"):
+        for impl in ("xla", "auto"):
+            outs[impl] = module.clone(attention=impl).apply(variables, x, 10, ctx, user_embeds=user)
+    assert np.array_equal(np.asarray(outs["xla"]), np.asarray(outs["auto"]))
+    assert "XLA instead of cuDNN where the backend is cpu" in caplog.text
+    assert caplog.text.count("instead of cuDNN") == 1  # once per reason, not once per layer
+    with pytest.raises(ValueError, match="unknown attention"):
+        module.clone(attention="flash").apply(variables, x, 10, ctx, user_embeds=user)
+
+
+def test_attention_is_checked_and_migrated():
+    from psa_jax.config import migrate_run_config
+    from psa_jax.train.checks import ConfigValueError, check_config
+
+    cfg = tiny.get_config()
+    cfg.model.attention = "flash"
+    with pytest.raises(ConfigValueError, match=r"model\.attention='flash'"):
+        check_config(cfg)
+    v5 = {**tiny.get_config().to_dict(), "schema_version": 5}
+    del v5["model"]["attention"]
+    assert migrate_run_config(v5, "r")["model"]["attention"] == "xla"
