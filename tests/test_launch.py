@@ -1,5 +1,5 @@
-"""launch/: the cluster scripts parse (bash -n), pass shellcheck, and print in --dry-run exactly
-the commands they would run."""
+"""launch/ (and bench/'s GPU script): the cluster scripts parse (bash -n), pass shellcheck, and
+print in --dry-run exactly the commands they would run."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = sorted(glob.glob(os.path.join(REPO, "launch", "*.sh")) +
-                 glob.glob(os.path.join(REPO, "launch", "*.sbatch")))  # fmt: skip
+                 glob.glob(os.path.join(REPO, "launch", "*.sbatch")) +
+                 glob.glob(os.path.join(REPO, "bench", "*.sh")))  # fmt: skip
 
 
 def _shellcheck() -> str | None:
