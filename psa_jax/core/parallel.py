@@ -90,6 +90,12 @@ def with_logical_axes(fn: Callable[..., T], mesh: Mesh, rules: Sequence) -> Call
     return wrapped
 
 
+def under_mesh_rules(fn: Callable[..., T], mesh: Mesh, mesh_config: Any) -> Callable[..., T]:
+    """:func:`with_logical_axes` with the rules of ``config.mesh`` (how the train step and the
+    evaluator are traced)."""
+    return with_logical_axes(fn, mesh, logical_rules(mesh_config))
+
+
 def _axes_size(mesh: Mesh, axes: Any) -> int:
     if axes is None:
         return 1

@@ -203,7 +203,7 @@ def sdpa(
     ``implementation``: one of :data:`ATTENTION_IMPLS`, resolved where this is traced."""
     b, lq, inner = q.shape
     impl, why = attention_implementation(implementation, q.dtype, inner // heads)
-    if why is not None and implementation == "auto":
+    if why is not None:  # only "auto" gives a reason
         _log_fallback(why)
     split = lambda x: x.reshape(x.shape[0], x.shape[1], heads, inner // heads)  # noqa: E731
     out = jax.nn.dot_product_attention(

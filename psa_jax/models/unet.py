@@ -32,7 +32,6 @@ from psa_jax.models.layers import (
     ResnetBlock2D,
     TimestepEmbedding,
     Upsample2D,
-    attention_implementation,
     constrain_batch,
     conv,
     group_norm,
@@ -269,7 +268,6 @@ class UNet2DConditionModel(nn.Module):
         user_scale: float | jax.Array = 1.0,
     ) -> jax.Array:
         remat_policy_fn(self.remat_policy)  # an unknown name fails before anything is built
-        attention_implementation(self.attention, self.dtype, 8, "cpu")  # likewise a bad name
         cfg = self.config
         b = sample.shape[0]
         timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (b,))

@@ -63,10 +63,9 @@ def make_evaluator(config: Any, inputs: Any, run: Any) -> Callable | None:
         return {**m, "loss": loss}
 
     shardings = (sh["state"].params, sh["frozen"], sh["batch"], sh["replicated"])
-    rules = parallel.logical_rules(config.mesh)
 
     def jit(fn: Callable) -> Callable:  # traced as the train step is (activation constraints)
-        return jax.jit(parallel.with_logical_axes(fn, run.mesh, rules), in_shardings=shardings)
+        return jax.jit(parallel.under_mesh_rules(fn, run.mesh, config.mesh), in_shardings=shardings)
 
     margins = getattr(task, "margins", None)
     fns = (jit(metrics_fn), None if margins is None else jit(margins))

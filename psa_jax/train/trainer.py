@@ -238,7 +238,7 @@ def compile_step(config: Any, run: RunState) -> Callable:
     sh = run.shardings
     step = make_train_step(run.setup.task.loss, run.optimizer, int(config.train.accum_steps))
     return jax.jit(
-        parallel.with_logical_axes(step, run.mesh, parallel.logical_rules(config.mesh)),
+        parallel.under_mesh_rules(step, run.mesh, config.mesh),
         in_shardings=(sh["state"], sh["frozen"], sh["batch"]),
         out_shardings=(sh["state"], sh["replicated"]),
         donate_argnums=(0,),
@@ -314,13 +314,14 @@ def run_loop(
             pending = (step, metrics)
             evaluating = evaluate is not None and (step % int(tcfg.eval_every) == 0
                                                    or step == total)  # fmt: skip
-            if evaluating or step % every == 0 or step == total:
+            saving = step % every == 0 or step == total
+            if evaluating or saving:
                 finish(pending)  # nothing is evaluated or saved before its step is checked
                 pending = None
             if evaluating:
                 eval_metrics = evaluate(state)
                 writer.write(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
-            if step % every == 0 or step == total:
+            if saving:
                 ckpt.save(step, state, _data_state(inputs.loader), cfg_json)
                 writer.sync()  # gs://: metrics as far as the checkpoint (local: nothing)
     finally:
