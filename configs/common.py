@@ -108,6 +108,10 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
             # task=dpo on Sage-mini: "category" weighs each category's safe-chosen and
             # unsafe-chosen pairs equally (train.step.balanced_pair_weights); "none": PSAlign's
             "dpo_balance": "none",
+            # task=dpo: "standardized" runs the optimizer on the user projection as if it took
+            # the training users' standardized embeddings (optim.in_standardized_coordinates);
+            # the saved Linear is the same kind either way. "raw": PSAlign's.
+            "user_proj_space": "raw",
             "checkpoint_every": 100,
             "keep_checkpoints": 3,
             "async_checkpoint": True,

@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 
 # v1: runs written before the version was recorded. v2: every key below is in the saved config.
 # v3: train.unsafe_weights. v4: model.init_adapter. v5: train.dpo_balance. v6: model.attention.
-SCHEMA_VERSION = 6
+# v7: train.user_proj_space.
+SCHEMA_VERSION = 7
 
 
 class ConfigFileError(PsaJaxError, FileNotFoundError):
@@ -128,6 +129,13 @@ def _attention(d: dict) -> list[str]:
     return done
 
 
+def _user_proj_space(d: dict) -> list[str]:
+    done: list[str] = []
+    if "train" in d:
+        _fill(d, "train.user_proj_space", "raw", done)  # the optimizer saw the raw Linear
+    return done
+
+
 MIGRATIONS = (
     Migration(
         "pre-schema-defaults",
@@ -159,6 +167,13 @@ MIGRATIONS = (
         6,
         "model.attention did not exist: the UNet's attention was XLA's",
         _attention,
+    ),
+    Migration(
+        "user-proj-space",
+        7,
+        "train.user_proj_space did not exist: the optimizer stepped the user projection's "
+        "Linear as it is",
+        _user_proj_space,
     ),
 )
 

@@ -250,3 +250,28 @@ def test_a_set_up_error_closes_the_checkpointer(cache, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="broken set-up"):
         trainer.train(small_config(cache, "train.steps=2"), str(tmp_path / "run"))
     assert closed == [True]
+
+
+@pytest.mark.slow
+def test_standardized_user_proj_space_trains_and_resumes_exactly(cache, tmp_path):
+    """``train.user_proj_space=standardized``: the optimizer's coordinates come from the
+    training users on resume too, so a killed and resumed run ends bit-identical to a straight
+    one; the saved projection is still an ordinary Linear that the trained run differs in."""
+    n, space = 3, "--config.train.user_proj_space=standardized"
+    straight, killed, raw = (str(tmp_path / k) for k in ("straight", "killed", "raw"))
+    common = ("--steps", str(2 * n), "--checkpoint-every", str(n))
+    runs = ((straight, space, ""), (killed, space, f"kill_at={n + 3}"), (killed, space, ""),
+            (raw, "--config.train.user_proj_space=raw", ""))  # fmt: skip
+    for workdir, extra, fault in runs:
+        proc = run_cli(cache, workdir, *common, extra, fault=fault)
+        assert proc.returncode == (-9 if fault else 0), proc.stderr[-3000:]
+    a, cfg = restore_host_params(straight)
+    b, _ = restore_host_params(killed)
+    c, _ = restore_host_params(raw)
+    assert cfg["train"]["user_proj_space"] == "standardized"
+    assert all(np.array_equal(x, y) for x, y in zip(leaves(a), leaves(b)))
+    assert {"kernel", "bias"} <= set(a["user_proj"])
+    assert not np.allclose(a["user_proj"]["kernel"], c["user_proj"]["kernel"])
+    assert [losses(straight)[s] for s in range(n, 2 * n + 1)] == [
+        losses(killed)[s] for s in range(n, 2 * n + 1)
+    ]

@@ -138,6 +138,23 @@ def _natural(part: str) -> tuple:
 PROJ_INITS = ("torch", "standardized")
 
 
+def population_stats(
+    embeds: Any, dim: int, min_std_ratio: float = 0.1
+) -> tuple[jax.Array, jax.Array]:
+    """Per-feature ``(mean, std)`` of the training users' ``[N, dim]`` embeddings (``N >= 2``),
+    ``std`` floored at ``min_std_ratio`` x its RMS so that a feature constant over the
+    population is not blown up: the standardisation of :func:`standardize_projection` and of
+    ``train.user_proj_space="standardized"`` (``optim.in_standardized_coordinates``)."""
+    embeds = jnp.asarray(embeds, jnp.float32)
+    if embeds.ndim != 2 or embeds.shape[0] < 2 or embeds.shape[1] != dim:
+        raise ValueError(f"need [N >= 2, {dim}] training-user embeddings, got {embeds.shape}")
+    mean, std = embeds.mean(0), embeds.std(0)
+    std = jnp.maximum(std, min_std_ratio * jnp.sqrt(jnp.mean(jnp.square(std))))
+    if not bool(jnp.all(std > 0)):
+        raise ValueError("training-user embeddings are all identical: nothing to standardise")
+    return mean, std
+
+
 def standardize_projection(
     user_proj: dict[str, Any], embeds: Any, min_std_ratio: float = 0.1
 ) -> dict[str, Any]:
@@ -153,16 +170,8 @@ def standardize_projection(
     per-feature mean and std, ``s`` floored at ``min_std_ratio`` x its RMS so that a feature
     constant over the population is not blown up. Returns a new ``user_proj`` tree.
     """
-    embeds = jnp.asarray(embeds, jnp.float32)
     kernel = jnp.asarray(user_proj["kernel"], jnp.float32)
-    if embeds.ndim != 2 or embeds.shape[0] < 2 or embeds.shape[1] != kernel.shape[0]:
-        raise ValueError(
-            f"need [N >= 2, {kernel.shape[0]}] training-user embeddings, got {embeds.shape}"
-        )
-    mean, std = embeds.mean(0), embeds.std(0)
-    std = jnp.maximum(std, min_std_ratio * jnp.sqrt(jnp.mean(jnp.square(std))))
-    if not bool(jnp.all(std > 0)):
-        raise ValueError("training-user embeddings are all identical: nothing to standardise")
+    mean, std = population_stats(embeds, kernel.shape[0], min_std_ratio)
     scaled = kernel / std[:, None]
     bias = jnp.asarray(user_proj["bias"], jnp.float32) - (mean / std) @ kernel
     return {**user_proj, "kernel": scaled, "bias": bias}

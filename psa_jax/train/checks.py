@@ -74,6 +74,7 @@ def check_config(config: Any) -> None:
         _check_number(config, "train.vae_kl_weight", 0.0, above=False)
     _check_unsafe_weights(config, task)
     _check_dpo_balance(config, task)
+    _check_user_proj_space(config, task)
     _check_init_adapter(config, task)
     if _value(config, "model.attention") not in ATTENTION_IMPLS:
         raise ConfigValueError(f"model.attention={config.model.attention!r}: one of "
@@ -117,6 +118,18 @@ def _check_unsafe_weights(config: Any, task: str) -> None:
 
 
 DPO_BALANCES = ("none", "category")
+USER_PROJ_SPACES = ("raw", "standardized")
+
+
+def _check_user_proj_space(config: Any, task: str) -> None:
+    """``train.user_proj_space``: ``"raw"`` or (task ``dpo``, which trains the projection)
+    ``"standardized"``."""
+    space = _value(config, "train.user_proj_space")
+    if space not in USER_PROJ_SPACES:
+        raise ConfigValueError(f"train.user_proj_space={space!r}: one of {USER_PROJ_SPACES}")
+    if space != "raw" and task != "dpo":
+        raise ConfigValueError(f"train.user_proj_space={space!r} but task={task!r} trains no "
+                               "user projection (only task=dpo does)")  # fmt: skip
 
 
 def _check_dpo_balance(config: Any, task: str) -> None:

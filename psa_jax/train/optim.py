@@ -164,3 +164,44 @@ def make_optimizer(cfg: Mapping, *, weight_decay_mask=None) -> optax.GradientTra
         return tx
     # torch's clip_grad_norm_ divides by (norm + 1e-6); optax by norm: a 1e-6 relative gap.
     return optax.chain(optax.clip_by_global_norm(float(clip)), tx)
+
+
+def in_standardized_coordinates(
+    inner: optax.GradientTransformation, mean: Any, std: Any, key: str = "user_proj"
+) -> optax.GradientTransformation:
+    """``inner`` run on ``params[key]``'s Linear (``kernel [D, F]``, ``bias [F]``) as if it
+    took standardized inputs ``z = (e - mean) / std``; the rest of ``params`` as it is.
+
+    The Linear stays an ordinary Linear on raw embeddings (PSAlign and IP-Adapter files
+    unchanged): with ``kernel = V / std[:, None]`` and ``bias = c - (mean / std) @ V`` it
+    computes ``z @ V + c``, and ``inner`` sees the gradients of ``V`` and ``c`` (and their
+    values, for weight decay), whose updates are mapped back. Why: profile embeddings of one
+    encoder are nearly parallel (MiniLM over the toy world's users: mean cosine 0.98), so the
+    gradient of the raw kernel is mostly the users' common direction, and Adam's per-weight
+    step turns it into updates that move every user alike; in ``z`` coordinates the common part
+    is the bias's alone. ``init`` needs only shapes (``V`` has the kernel's), so the state is
+    the one ``inner`` makes for ``params``, checkpoints included."""
+    mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
+    shift = mean / std
+
+    def replace(tree: Any, kernel: Any, bias: Any) -> Any:
+        return {**tree, key: {**tree[key], "kernel": kernel, "bias": bias}}
+
+    def grads_to_z(g: Any) -> Any:
+        gk, gb = g[key]["kernel"], g[key]["bias"]
+        return replace(g, gk / std[:, None] - shift[:, None] * gb[None, :], gb)
+
+    def params_to_z(p: Any) -> Any:
+        k, b = p[key]["kernel"], p[key]["bias"]
+        return replace(p, k * std[:, None], b + mean @ k)
+
+    def updates_from_z(u: Any) -> Any:
+        dv, dc = u[key]["kernel"], u[key]["bias"]
+        return replace(u, dv / std[:, None], dc - shift @ dv)
+
+    def update(grads: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        z_params = None if params is None else params_to_z(params)
+        updates, state = inner.update(grads_to_z(grads), state, z_params)
+        return updates_from_z(updates), state
+
+    return optax.GradientTransformation(inner.init, update)

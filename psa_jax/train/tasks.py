@@ -10,15 +10,17 @@ from typing import Any
 
 import jax
 import numpy as np
+import optax
 from flax.core import meta
 
 from psa_jax.data import prepare, profiles
 from psa_jax.data.loader import lookup_embeddings
 from psa_jax.models import loading
-from psa_jax.models.adapter import PROJ_INITS, standardize_projection
+from psa_jax.models.adapter import PROJ_INITS, population_stats, standardize_projection
 from psa_jax.models.convert import WeightFileError, WeightMismatchError
 from psa_jax.models.psa_unet import _adapter_init, abstract_variables, read_adapter
 from psa_jax.train import lora as lora_lib
+from psa_jax.train.optim import in_standardized_coordinates
 from psa_jax.train.step import (
     DenoiseTask,
     DPOTask,
@@ -132,13 +134,35 @@ def _proj_init(config: Any) -> str:
     return proj_init
 
 
-def training_user_embeds(config: Any, splits: prepare.Splits, loader: Any) -> np.ndarray | None:
-    """``[N, D]`` embeddings of the users in ``loader``'s split when the adapter's projection is
-    initialised from them (``proj_init="standardized"`` and no ``model.init_adapter``), else
-    None. Only training users: a held-out user must not shape the initialisation."""
-    if config.task != "dpo" or config.model.init_adapter or _proj_init(config) != "standardized":
+def training_user_embeds(
+    config: Any, splits: prepare.Splits, loader: Any, *, resuming: bool = False
+) -> np.ndarray | None:
+    """``[N, D]`` embeddings of the users in ``loader``'s split when something reads them: the
+    projection's initialisation (``proj_init="standardized"``, no ``model.init_adapter``, not
+    ``resuming``) or the optimizer's coordinates (``train.user_proj_space="standardized"``,
+    resuming too: the same users give the same statistics, so a resumed run steps as the
+    uninterrupted one). Else None. Only training users: a held-out user shapes neither."""
+    if config.task != "dpo":
+        return None
+    init = not resuming and not config.model.init_adapter and _proj_init(config) == "standardized"
+    if not init and config.train.user_proj_space != "standardized":
         return None
     return lookup_embeddings(loader.user_ids(), splits.embeddings)
+
+
+def user_proj_optimizer(
+    config: Any, optimizer: optax.GradientTransformation, user_embeds: Any
+) -> optax.GradientTransformation:
+    """``optimizer`` as ``train.user_proj_space`` says: as it is (``"raw"``) or stepping the
+    user projection in the training users' standardized coordinates (``"standardized"``,
+    :func:`~psa_jax.train.optim.in_standardized_coordinates`)."""
+    if config.task != "dpo" or config.train.user_proj_space != "standardized":
+        return optimizer
+    if user_embeds is None:
+        raise ValueError("train.user_proj_space='standardized' needs the training users' "
+                         "embeddings")  # fmt: skip
+    mean, std = population_stats(user_embeds, int(config.model.adapter.user_embed_dim))
+    return in_standardized_coordinates(optimizer, mean, std)
 
 
 def safe_shares(bans: Mapping[str, frozenset[str]], user_ids: Sequence[str]) -> dict[str, float]:

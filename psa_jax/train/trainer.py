@@ -62,7 +62,13 @@ from psa_jax.train.step import (
     make_train_step,
     step_inputs,
 )
-from psa_jax.train.tasks import Setup, build_task, pair_weigher, training_user_embeds
+from psa_jax.train.tasks import (
+    Setup,
+    build_task,
+    pair_weigher,
+    training_user_embeds,
+    user_proj_optimizer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -171,12 +177,11 @@ def create_state(
     steps above the one restored are moved aside (see ``Checkpointer.set_aside``)."""
     steps = ckpt.all_steps()
     resuming = bool(steps)
-    # On resume the checkpoint holds the adapter: no need to scan the split for its init.
-    embeds = None
-    if not resuming:
-        embeds = training_user_embeds(config, inputs.splits, inputs.loader)
+    # On resume the checkpoint holds the adapter: the split is scanned for its users only if
+    # the optimizer steps in their coordinates (train.user_proj_space).
+    embeds = training_user_embeds(config, inputs.splits, inputs.loader, resuming=resuming)
     setup = build_task(config, inputs.models, embeds, resuming=resuming)
-    optimizer = make_optimizer(config.optim)
+    optimizer = user_proj_optimizer(config, make_optimizer(config.optim), embeds)
     seed = int(config.seed)
     boxed_state, shardings = state_shardings(config, setup, optimizer, mesh)
     state_sh = shardings["state"]
