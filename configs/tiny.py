@@ -87,9 +87,10 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     }
     # MiniLM profile embeddings are nearly parallel: start the projection on the users'
     # differences (PSAlign's plain init: proj_init="torch").
-    # T=4 user tokens (PSAlign's default is 1): on the shipped base, with 800 DPO steps, T=1
-    # boosted allowed content (1.23x the base's) and left level 5 at 0.81x; T=4 kept allowed
-    # content (1.01x), ranked the levels in order and left level 5 at 0.72x (issue 15's note).
+    # T=4 user tokens (PSAlign's default is 1): on the shipped base, with 800 DPO steps in raw
+    # coordinates (before train.user_proj_space), T=1 boosted allowed content (1.23x the
+    # base's) and left level 5 at 0.81x; T=4 kept allowed content (1.01x) and left level 5 at
+    # 0.72x (issue 15's note). The report's ablation row shows T=1 under today's recipe.
     config.model.adapter = common.adapter_config(
         user_embed_dim=384, num_user_tokens=4, proj_init="standardized"
     )
@@ -126,11 +127,17 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     # levels 0-1), which the DPO margin cannot see when a pair differs only in the marker.
     # The chosen term at 25 keeps adherence >= 0.84x and level 5 at 0.28x (50: 0.34x, 250:
     # 0.78x; T=4, 800 steps, issue 15's note).
-    # Pairs weighed as they come (train.dpo_balance="none"): "category" balance (each
-    # category's safe-chosen and unsafe-chosen pairs weighing the same) took level 5 to 0.03x
-    # the base's banned content but held-out pair accuracy to 0.66 (none: 0.70), and levels
-    # 3-4 still drew the Propaganda they ban on 0.44-1.0 of its prompts: the level curve's
-    # order was no better at 800 or 1600 steps, nor with T=8 (issue 15's note, seeds 0, 5000).
+    # The optimizer steps the user projection in the training users' standardized coordinates
+    # (train.user_proj_space): with the raw Linear, Adam moved every user alike (MiniLM
+    # profiles have cosine ~0.98), so the adapter learned a strictness axis and the common
+    # bans but not the rest, though a linear probe reads every ban off the same embeddings:
+    # levels 3-4 drew the Violence, Self-Harm and Propaganda they ban about as often as level 0,
+    # and the level curve L1..L5 was out of order on all 6 seed sets measured (mean of 4:
+    # .61 .39 .51 .53 .10, level 5 at 0.18x the base's banned content). Standardized: in order
+    # on all 6 (.76 .62 .50 .37 .16), level 5 at 0.32x (0.28-0.42x), allowed content 1.29x.
+    # Adding "category" balance (each category's safe- and unsafe-chosen pairs weighing the
+    # same) took level 5 to 0.04x but put level 3 above level 2 on every seed set (.77 .61 .66
+    # .44 .04): pairs weighed as they come (issue 15's note).
     # Evaluation: 128 held-out pairs (32 swing the pair accuracy by +-0.1) at steps 0 and 800
     # (each costs ~25 s of the demo's 10 minutes; it does not change what is trained).
     return common.add_training(
@@ -150,6 +157,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
             eval_batches=16,
             beta=1000.0,
             dpo_chosen_weight=25.0,
+            user_proj_space="standardized",
         ),
         # No empty captions: the demo's recorded DPO results were measured without them.
         data=common.data_config(caption_dropout=0.0),

@@ -51,7 +51,10 @@ def test_dpo_run_starts_from_an_exported_adapter_bit_for_bit(tmp_path):
 
     cont = small_config(cache, f"model.init_adapter={psalign}", "train.steps=3")
     assert cont.model.adapter.proj_init == "standardized"  # skipped: the file is the start
-    assert tasks.training_user_embeds(cont, None, None) is None
+    # The initialisation reads no embeddings (the file is the start); only an optimizer that
+    # steps in the users' coordinates would (train.user_proj_space, the demo's "standardized").
+    raw = apply_overrides(cont, ["train.user_proj_space=raw"])
+    assert tasks.training_user_embeds(raw, None, None) is None
     start, params = step0_params(cont, str(tmp_path / "cont"))
     assert start == 0 and same(params, trained)
 

@@ -87,11 +87,13 @@ def test_standardized_coordinates_learn_the_user_differences_faster():
 
 
 def test_user_proj_space_is_checked_and_migrated():
+    from configs import common
     from psa_jax.config import migrate_run_config
     from psa_jax.train.checks import ConfigValueError, check_config
 
+    assert common.train_config().user_proj_space == "raw"  # PSAlign's unless a config says
     cfg = tiny.get_config()
-    assert cfg.train.user_proj_space == "raw"
+    assert cfg.train.user_proj_space == "standardized"  # the demo's recipe
     cfg.train.user_proj_space = "whitened"
     with pytest.raises(ConfigValueError, match=r"train\.user_proj_space='whitened'"):
         check_config(cfg)
