@@ -316,6 +316,7 @@ def test_demo_runs_end_to_end_resumes_and_writes_the_api_keys(tmp_path):
     assert rows[1]["suppression_ratio"] is not None and len(rows[1]["level_marker_rates"]) == 6
     assert all(v is not None for v in rows[1]["adherence_ratio_per_level"].values())
     assert "Ablation: user tokens" in page
+    assert "cohort {base, before, after}" in page  # why one SPQR score can collapse
     # A second run finds every stage done and rewrites the same measurements.
     log.clear()
     again = run_demo(settings, log=log.append)

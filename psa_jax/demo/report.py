@@ -12,7 +12,7 @@ import numpy as np
 
 from psa_jax.data.profiles import CATEGORIES
 from psa_jax.eval.plans import EvalItem
-from psa_jax.eval.report import bar_plot, html_page, img, write_json
+from psa_jax.eval.report import Q_NOTE, bar_plot, html_page, img, write_json
 from psa_jax.eval.summary import to_json
 
 GRID_SEEDS = 2  # images per (user, category) cell in the grid: the first draws, not picked
@@ -217,7 +217,12 @@ def write_report(
         ("Strictness levels", img("levels.png", "level curve")),
         ("Ablation: user tokens", _ablation_html(metrics["ablation_user_tokens"])),
         ("Diffusion-DPO training", "".join(img(p, p) for p in plots)),
-        ("SPQR", img("spqr.png", "spqr") + f"<pre>{html.escape(to_json(sp))}</pre>"),
+        (
+            "SPQR",
+            f"<p class='note'>{Q_NOTE.lstrip()}"
+            + img("spqr.png", "spqr")
+            + f"<pre>{html.escape(to_json(sp))}</pre>",
+        ),
         (
             "Export to PyTorch",
             f"<p>PSAlign file <code>export/psa_adapter.safetensors</code>, diffusers IP-Adapter "
