@@ -184,8 +184,13 @@ def test_standardized_projection_starts_from_the_training_users(cache):
     assert jax.tree.structure(resumed) == jax.tree.structure(
         tasks.build_task(config, models, embeds).trainable
     )
-    plain = apply_overrides(config, ["model.adapter.proj_init=torch"])
+    plain = apply_overrides(config, ["model.adapter.proj_init=torch", "train.user_proj_space=raw"])
     assert tasks.training_user_embeds(plain, splits, loader) is None
+    # An optimizer in the users' coordinates reads them however the projection starts, and on
+    # resume too (the tiny config's train.user_proj_space="standardized").
+    steps_in_z = apply_overrides(config, ["train.user_proj_space=standardized"])  # torch init
+    again = tasks.training_user_embeds(steps_in_z, splits, loader, resuming=True)
+    np.testing.assert_array_equal(again, embeds)
     torch_proj = tasks.build_task(plain, models).trainable["user_proj"]
     assert (embeds @ torch_proj["kernel"]).std(0).mean() < 0.1
     with pytest.raises(ValueError, match="proj_init 'pca' unknown"):
