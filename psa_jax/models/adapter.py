@@ -172,6 +172,14 @@ def standardize_projection(
     """
     kernel = jnp.asarray(user_proj["kernel"], jnp.float32)
     mean, std = population_stats(embeds, kernel.shape[0], min_std_ratio)
-    scaled = kernel / std[:, None]
-    bias = jnp.asarray(user_proj["bias"], jnp.float32) - (mean / std) @ kernel
+    scaled, bias = fold_standardization(
+        kernel, jnp.asarray(user_proj["bias"], jnp.float32), mean, std
+    )
     return {**user_proj, "kernel": scaled, "bias": bias}
+
+
+def fold_standardization(kernel: Any, bias: Any, mean: Any, std: Any) -> tuple[Any, Any]:
+    """``(kernel / std, bias - (mean / std) @ kernel)``: the Linear on raw ``e`` that computes
+    what ``(kernel, bias)`` computes on ``(e - mean) / std``. Linear in ``(kernel, bias)``, so
+    it maps updates too (``optim.in_standardized_coordinates``)."""
+    return kernel / std[:, None], bias - (mean / std) @ kernel

@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from psa_jax.models.adapter import fold_standardization
+
 # Re-exported so the trainer logs the same norm that clipping uses.
 global_norm = optax.tree.norm
 
@@ -196,8 +198,7 @@ def in_standardized_coordinates(
         return replace(p, k * std[:, None], b + mean @ k)
 
     def updates_from_z(u: Any) -> Any:
-        dv, dc = u[key]["kernel"], u[key]["bias"]
-        return replace(u, dv / std[:, None], dc - shift @ dv)
+        return replace(u, *fold_standardization(u[key]["kernel"], u[key]["bias"], mean, std))
 
     def update(grads: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
         z_params = None if params is None else params_to_z(params)
