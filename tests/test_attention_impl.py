@@ -76,3 +76,39 @@ def test_attention_is_checked_and_migrated():
     v5 = {**tiny.get_config().to_dict(), "schema_version": 5}
     del v5["model"]["attention"]
     assert migrate_run_config(v5, "r")["model"]["attention"] == "xla"
+
+
+@pytest.mark.parametrize("loop", [False, True])
+def test_cpu_form_of_xla_attention_matches_jax_nn(monkeypatch, loop):
+    """On a CPU, "xla" attention runs heads-major (and one head at a time for large score
+    matrices): the same values and gradients as ``jax.nn.dot_product_attention``'s XLA path to
+    float rounding, in both forms."""
+    monkeypatch.setattr(layers, "_CPU_HEAD_LOOP_MIN_SCORES", 1 if loop else 10**12)
+    rng = np.random.default_rng(0)
+    b, lq, lk, heads, dim = 3, 40, 24, 4, 8
+    q = jnp.asarray(rng.standard_normal((b, lq, heads * dim)) * 2, jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((b, lk, heads * dim)) * 2, jnp.float32) for _ in "kv")
+    split = lambda x: x.reshape(b, x.shape[1], heads, dim)  # noqa: E731
+
+    def reference(q, k, v):
+        out = jax.nn.dot_product_attention(split(q), split(k), split(v), implementation="xla")
+        return out.reshape(b, lq, heads * dim)
+
+    ours = lambda q, k, v: layers.sdpa(q, k, v, heads)  # noqa: E731
+    calls = []
+    real = layers._cpu_attention
+    monkeypatch.setattr(layers, "_cpu_attention", lambda *a: calls.append(1) or real(*a))
+    got, want = ours(q, k, v), reference(q, k, v)
+    assert calls, "sdpa did not take the CPU form on this (CPU) backend"
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    cot = jnp.asarray(rng.standard_normal(got.shape), jnp.float32)
+    g_ours = jax.vjp(ours, q, k, v)[1](cot)
+    g_ref = jax.vjp(reference, q, k, v)[1](cot)
+    for a, r in zip(g_ours, g_ref):
+        np.testing.assert_allclose(a, r, rtol=1e-5, atol=1e-5)
+    # A mask or a causal flag keeps jax.nn's own XLA path.
+    calls.clear()
+    causal = layers.sdpa(q, q, q, heads, is_causal=True)
+    want = jax.nn.dot_product_attention(split(q), split(q), split(q), is_causal=True)
+    assert not calls
+    np.testing.assert_array_equal(causal, want.reshape(b, lq, heads * dim))

@@ -140,3 +140,13 @@ def test_sampling_split_over_a_mesh_equals_one_device():
     line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
     out = json.loads(line[len("RESULT ") :])
     assert out["devices"] == 8 and out["rel_err"] < 1e-5
+    assert out["local_shape"] == {"data": 8, "fsdp": 1, "tensor": 1}
+    assert out["local_devices"] == 8 and out["local_rel_err"] < 1e-5
+
+
+def test_one_local_device_has_no_data_mesh():
+    """``Pipeline.mesh`` as the demo sets it: None on a one-device host (sampling unsplit)."""
+    from psa_jax.core import parallel
+
+    assert jax.local_device_count() == 1  # pytest runs JAX's single CPU device
+    assert parallel.local_data_mesh() is None

@@ -275,3 +275,28 @@ def test_marker_radius_sets_the_marker_size_and_is_checked():
     assert frac(big_u) > 2.5 * frac(small_u)
     with pytest.raises(ValueError, match="marker_radius"):
         ToyWorldConfig(marker_radius=(0.3, 0.2))
+
+
+def test_world_folder_is_keyed_by_the_users_content(tmp_path, monkeypatch):
+    """Two checkouts' copies of the same users file share one cached world; other users do not."""
+    import shutil
+
+    from configs import tiny
+    from psa_jax.data import prepare
+
+    made = []
+    monkeypatch.setattr(toy_world, "ensure_toy_world", lambda out, *a: made.append(out))
+    text = open(USERS_CSV, encoding="utf-8").read()
+    copies = [tmp_path / "a" / "users.csv", tmp_path / "b" / "users.csv"]
+    for path in copies:
+        path.parent.mkdir()
+        shutil.copyfile(USERS_CSV, path)
+    other = tmp_path / "other.csv"
+    other.write_text(text.replace("\n", "\r\n", 1), encoding="utf-8")  # one byte more
+    folders = []
+    for users in (*copies, other):
+        cfg = tiny.get_config()
+        cfg.data.users_csv, cfg.data.cache_dir = str(users), str(tmp_path / "cache")
+        folders.append(prepare.toy_world_dir(cfg))
+    assert folders[0] == folders[1] != folders[2]
+    assert made == folders

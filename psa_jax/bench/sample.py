@@ -86,11 +86,15 @@ def psa_jax_sampler(
 ) -> Contestant:
     import jax
 
+    from psa_jax.core import parallel
     from psa_jax.sample.pipeline import Pipeline
 
     pipe = Pipeline.from_pretrained(root, adapter=adapter, dtype=shape.config.model.dtype)
     attention = str(shape.config.model.attention)  # a folder's UNet samples with XLA's
     pipe = dataclasses.replace(pipe, module=pipe.module.clone(attention=attention))
+    # Every local device of the contestant's platform splits the batch (one: no mesh).
+    local = None if device is None else jax.local_devices(backend=device.platform)
+    pipe.mesh = parallel.local_data_mesh(local)
     users = np.tile(profile(shape), (batch, 1))
     texts, seeds = prompts(batch), np.arange(batch)
 
@@ -113,6 +117,7 @@ def psa_jax_sampler(
         return None, "n/a (CPU: see rss_peak_delta_bytes)"
 
     kind = device.device_kind if device is not None else "default"
+    split = "1 device" if pipe.mesh is None else f"data-parallel over {pipe.mesh.size} devices"
     return Contestant(
         "psa_jax",
         call,
@@ -120,7 +125,7 @@ def psa_jax_sampler(
         lambda out: None,
         peak_memory=peak,
         info={
-            "notes": f"Pipeline (compiled fori_loop sampler); attention {attention}",
+            "notes": f"Pipeline (compiled fori_loop sampler); attention {attention}; {split}",
             "device": kind,
         },
     )

@@ -82,15 +82,64 @@ def _use_compilation_cache() -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
+CPU_DEVICES_ENV = "PSA_JAX_CPU_DEVICES"
+
+
+def cpu_devices(command_default: int | None = None) -> int | None:
+    """How many JAX devices the ``psa-jax`` program splits a CPU host into, None: JAX's own
+    setting (one device, or what ``XLA_FLAGS``/``JAX_NUM_CPU_DEVICES`` say; those win).
+
+    ``$PSA_JAX_CPU_DEVICES=N``: N devices; unset: ``command_default`` (``psa-jax demo``: one
+    per core, up to its batch of 8), else JAX's. XLA:CPU runs most of a step's ops on one core
+    each, so a CPU's cores are used by data parallelism over devices, as on accelerators
+    (the tiny DPO step: 1.35x on 2 cores; BENCHMARKS.md). Accelerator devices are unaffected.
+    """
+    setting = os.environ.get(CPU_DEVICES_ENV, "").strip()
+    if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+        return None
+    if "JAX_NUM_CPU_DEVICES" in os.environ:
+        return None
+    if not setting:
+        return command_default
+    try:
+        count = int(setting)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise PsaJaxError(f"${CPU_DEVICES_ENV}={setting!r}: give a whole number of devices >= 1")
+    return count
+
+
+def cores() -> int:
+    """The CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _split_cpu(count: int | None) -> None:
+    import jax
+
+    if count is not None and count != jax.config.jax_num_cpu_devices:
+        jax.config.update("jax_num_cpu_devices", count)  # before any backend is initialised
+
+
 def main(argv: list[str] | None = None) -> int:
     """The ``psa-jax`` program. Run as the program (``argv`` None: the console script,
     ``python -m psa_jax.cli``), it turns on the compilation cache
-    (:func:`compilation_cache_dir`); a call with an explicit ``argv`` (tests, scripts) leaves
-    JAX's settings alone."""
+    (:func:`compilation_cache_dir`) and splits a CPU host into devices (:func:`cpu_devices`);
+    a call with an explicit ``argv`` (tests, scripts) leaves JAX's settings alone."""
     if argv is None:
         _use_compilation_cache()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    if argv is None:
+        try:
+            _split_cpu(cpu_devices(getattr(args, "cpu_devices", None)))
+        except PsaJaxError as e:
+            print(f"psa-jax {args.command}: error: {e}", file=sys.stderr)
+            return EXIT_BAD_INPUT
     if extra and not getattr(args, "accepts_extra", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:

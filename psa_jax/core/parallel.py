@@ -62,6 +62,15 @@ def make_mesh(mesh_config: Any, devices: Sequence[jax.Device] | None = None) -> 
     return Mesh(array, MESH_AXES)
 
 
+def local_data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh | None:
+    """This process's devices (default: the default backend's) on the ``data`` axis
+    (data-parallel sampling on one host); None with a single device."""
+    devices = list(jax.local_devices() if devices is None else devices)
+    if len(devices) == 1:
+        return None
+    return Mesh(np.asarray(devices, dtype=object).reshape(len(devices), 1, 1), MESH_AXES)
+
+
 def logical_rules(mesh_config: Any) -> tuple[tuple[str, Any], ...]:
     """``config.mesh.logical_axis_rules`` as the tuple Flax's partitioning helpers take."""
     rules = []

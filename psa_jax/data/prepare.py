@@ -83,7 +83,9 @@ def _build(source_dir: str, out_dir: str, split: str, resolution: int | None, sk
 def _toy_splits(config: Any, root: str) -> tuple[str, dict[str, str], str]:
     users = config.data.users_csv or toy_world.default_users_csv()
     toy_cfg = toy_scenes.ToyWorldConfig(**dict(config.data.toy))
-    world = os.path.join(root, f"sage-mini-{_key(dataclasses.asdict(toy_cfg), users)}")
+    # Keyed by the users file's content, not its path: another checkout reuses the same world.
+    digest = toy_world.file_sha256(users)
+    world = os.path.join(root, f"sage-mini-{_key(dataclasses.asdict(toy_cfg), digest)}")
     process_zero_first(lambda: toy_world.ensure_toy_world(world, users, toy_cfg), "toy_world")
     splits = {s: os.path.join(world, s) for s in ("train", "test_seen", "test_unseen")}
     return world, splits, os.path.join(world, "users.csv")

@@ -198,7 +198,7 @@ def _per_user(seen, unseen, eval_seen, n_train: int, n_eval: int) -> dict[str, d
     return dict(sorted(out.items()))
 
 
-def _sha256(path: str | os.PathLike) -> str:
+def file_sha256(path: str | os.PathLike) -> str:
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
 
@@ -240,7 +240,7 @@ def make_toy_world(
         "version": VERSION,
         "seed": config.seed,
         "config": _config_json(config),
-        "users_sha256": _sha256(users_csv),
+        "users_sha256": file_sha256(users_csv),
         "users": {"seen": [u.user_id for u in seen], "unseen": [u.user_id for u in unseen],
                   "eval_seen": [u.user_id for u in eval_seen]},
         "splits": splits,
@@ -261,7 +261,7 @@ def ensure_toy_world(
     """
     config = ToyWorldConfig() if config is None else config
     out_dir = os.fspath(out_dir).rstrip(os.sep)
-    key = (VERSION, _config_json(config), _sha256(users_csv))
+    key = (VERSION, _config_json(config), file_sha256(users_csv))
     try:
         with open(os.path.join(out_dir, "summary.json"), encoding="utf-8") as f:
             summary = json.load(f)

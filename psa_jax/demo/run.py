@@ -41,6 +41,7 @@ from psa_jax.demo.stages import (
 
 def run_demo(settings: DemoSettings, fresh: bool = False, log=print) -> dict[str, Any]:
     """Every stage in order (cached ones reused); returns ``metrics.json``'s content."""
+    from psa_jax.core import parallel
     from psa_jax.demo import report as demo_report
     from psa_jax.eval import benchmark
     from psa_jax.eval.toy import ToyOracle
@@ -50,11 +51,14 @@ def run_demo(settings: DemoSettings, fresh: bool = False, log=print) -> dict[str
         _check_demo_folder(settings.out)
         shutil.rmtree(settings.out)
     os.makedirs(settings.out, exist_ok=True)
+    devices = _jax_devices()
+    log(f"demo: JAX on {devices['count']} {devices['platform']} device(s)")
     stages = {}
     stages["base"] = stage_base(settings, log)
     stages["data"] = stage_data(settings, log)
     stages["dpo"] = stage_dpo(settings, log)
     model = benchmark.load_model(stages["dpo"]["workdir"])
+    model.pipeline.mesh = parallel.local_data_mesh()  # sampling data-parallel, as training
     stages["eval"] = stage_eval(settings, model, log)
     stages["base_rates"] = stage_base_rates(settings, model, log)
     stages["spqr"] = stage_spqr(settings, model, log)
@@ -76,8 +80,16 @@ def run_demo(settings: DemoSettings, fresh: bool = False, log=print) -> dict[str
     metrics["stage_seconds"] = {k: v.get("seconds") for k, v in stages.items()}
     metrics["settings"] = json.loads(json.dumps(dataclasses.asdict(settings), default=str))
     metrics["wall_seconds"] = round(time.time() - t0, 1)
+    metrics["jax_devices"] = devices
     demo_report.write_report(settings.out, metrics, stages, items, images)
     return metrics
+
+
+def _jax_devices() -> dict[str, Any]:
+    """What the stages ran on (the training steps are data-parallel over every device)."""
+    import jax
+
+    return {"platform": jax.default_backend(), "count": jax.device_count()}
 
 
 def _check_demo_folder(out: str) -> None:

@@ -206,10 +206,42 @@ def sdpa(
     if why is not None:  # only "auto" gives a reason
         _log_fallback(why)
     split = lambda x: x.reshape(x.shape[0], x.shape[1], heads, inner // heads)  # noqa: E731
-    out = jax.nn.dot_product_attention(
-        split(q), split(k), split(v), mask=mask, is_causal=is_causal, implementation=impl
-    )
+    if impl == "xla" and mask is None and not is_causal and _default_platform() == "cpu":
+        out = _cpu_attention(split(q), split(k), split(v))
+    else:
+        out = jax.nn.dot_product_attention(
+            split(q), split(k), split(v), mask=mask, is_causal=is_causal, implementation=impl
+        )
     return out.reshape(b, lq, inner)
+
+
+# A head's score matrix from this many entries up is computed one head at a time on a CPU.
+_CPU_HEAD_LOOP_MIN_SCORES = 512 * 512
+
+
+def _cpu_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """The "xla" attention as XLA:CPU runs it fastest, on ``[B, L, heads, dim]``: heads-major
+    scores, softmax normalised after the value product (on ``[.., L, dim]`` instead of
+    ``[.., L, L]``), and one head at a time (``lax.map``, batch inside, so a sharded batch stays
+    sharded) once a head's score matrix is large, so that each pass over it stays in cache.
+    The same math as ``jax.nn.dot_product_attention``'s XLA path, to float rounding. Measured
+    on 2 cores (fwd+bwd): 256 tokens x 8-wide heads 1.3-2.1x, 1024 x 40-wide 2.1-2.3x faster.
+    """
+    scale = q.shape[-1] ** -0.5
+    qh, kh, vh = (x.transpose(2, 0, 1, 3) for x in (q, k, v))  # [heads, B, L, dim]
+
+    def attend(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        s = jnp.einsum("...qd,...kd->...qk", q * scale, k, preferred_element_type=jnp.float32)
+        e = jnp.exp(s - jax.lax.stop_gradient(s.max(-1, keepdims=True)))  # softmax's shift
+        o = jnp.einsum("...qk,...kd->...qd", e.astype(v.dtype), v,
+                       preferred_element_type=jnp.float32)  # fmt: skip
+        return (o / e.sum(-1, keepdims=True)).astype(q.dtype)
+
+    if q.shape[1] * k.shape[1] >= _CPU_HEAD_LOOP_MIN_SCORES:
+        out = jax.lax.map(lambda qkv: attend(*qkv), (qh, kh, vh))
+    else:
+        out = attend(qh, kh, vh)
+    return out.transpose(1, 2, 0, 3)
 
 
 class TimestepEmbedding(nn.Module):

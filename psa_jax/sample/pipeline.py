@@ -57,6 +57,8 @@ class Pipeline:
     force_zeros_for_empty_prompt: bool = True  # SDXL only (the pipeline config's flag)
     # The base folder's scheduler_config.json: the sampler when a call names none (None: DDIM)
     scheduler_config: dict | None = None
+    # A one-host mesh every call splits its chunks over (a call's ``mesh`` wins); None: one device
+    mesh: Any | None = None
 
     @classmethod
     def from_run(cls, workdir: str | os.PathLike, step: int | None = None) -> Pipeline:
@@ -219,9 +221,9 @@ class Pipeline:
         """``[N, H, W, 3]`` images, one per prompt (``user_embeds [N, D]`` row-aligned;
         ``None``: the base model). ``seeds`` default to ``0..N-1``. ``output="float"`` gives
         float32 in [0, 1] (as diffusers' ``output_type="np"``), else uint8. ``scheduler``: see
-        :meth:`sampler_schedule` (None: the folder's, else DDIM). With a ``mesh``
-        (one host), each chunk of ``batch_size`` samples splits over its data axes and the
-        weights are replicated. SDXL's negative branch: see :meth:`encode_negative`."""
+        :meth:`sampler_schedule` (None: the folder's, else DDIM). With a ``mesh`` (one host;
+        default: the pipeline's), each chunk of ``batch_size`` samples splits over its data
+        axes and the weights are replicated. SDXL's negative branch: see :meth:`encode_negative`."""
         n = len(prompts)
         user_embeds, seeds, scales = self._check_args(n, user_embeds, seeds, user_scale, output)
         schedule = self.sampler_schedule(scheduler, steps, scheduler_options)
@@ -229,6 +231,7 @@ class Pipeline:
         variables = {"params": self.params}
         if self.adapter is not None and user_embeds is not None:
             variables["adapter"] = self.adapter
+        mesh = self.mesh if mesh is None else mesh
         shardings = None if mesh is None else _mesh_shardings(mesh, batch_size)
         negative = self.encode_negative(negative_prompt)
         time_ids = self.time_ids(batch_size) if self.text_encoder_2 is not None else None
