@@ -169,8 +169,9 @@ def test_per_sample_user_scale(base):
     )
     off = np.asarray(unet(x, t, ehs, added_cond_kwargs=added))
     half = np.asarray(unet(x, t, ehs, added_cond_kwargs=added, user_embeds=user, user_scale=0.5))
-    np.testing.assert_allclose(mixed[0], off[0], rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(mixed[1], half[1], rtol=1e-6, atol=1e-6)
+    # Float rounding only (the three calls compile to differently fused programs): values ~1.
+    np.testing.assert_allclose(mixed[0], off[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(mixed[1], half[1], rtol=1e-5, atol=1e-5)
 
 
 def test_psalign_file_round_trip_and_bin(base, tmp_path):

@@ -145,8 +145,9 @@ def timestep_embedding(
 
 
 # ``model.attention``: how the UNet's attention is computed. "xla": XLA's softmax(QK^T)V (every
-# backend); "cudnn": cuDNN's fused flash attention (``jax.nn.dot_product_attention``), an error
-# where it does not apply; "auto": cuDNN where it applies, XLA elsewhere, each fallback logged.
+# backend; on a CPU in the form XLA:CPU runs fastest, ``_cpu_attention``); "cudnn": cuDNN's
+# fused flash attention (``jax.nn.dot_product_attention``), an error where it does not apply;
+# "auto": cuDNN where it applies, XLA elsewhere, each fallback logged.
 ATTENTION_IMPLS = ("xla", "cudnn", "auto")
 _CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _CUDNN_MAX_HEAD_DIM = 128  # cuDNN's flash attention (SD1.5's 160-wide heads do not qualify)
