@@ -134,15 +134,11 @@ def main(argv: list[str] | None = None) -> int:
         _use_compilation_cache()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if argv is None:
-        try:
-            _split_cpu(cpu_devices(getattr(args, "cpu_devices", None)))
-        except PsaJaxError as e:
-            print(f"psa-jax {args.command}: error: {e}", file=sys.stderr)
-            return EXIT_BAD_INPUT
     if extra and not getattr(args, "accepts_extra", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
+        if argv is None:  # before the command starts JAX
+            _split_cpu(cpu_devices(getattr(args, "cpu_devices", None)))
         if getattr(args, "accepts_extra", False):  # train: --config.KEY=VALUE overrides
             return args.func(args, extra)
         return args.func(args)
