@@ -83,7 +83,7 @@ def test_cpu_form_of_xla_attention_matches_jax_nn(monkeypatch, loop):
     """On a CPU, "xla" attention runs heads-major (and one head at a time for large score
     matrices): the same values and gradients as ``jax.nn.dot_product_attention``'s XLA path to
     float rounding, in both forms."""
-    monkeypatch.setattr(layers, "_CPU_HEAD_LOOP_MIN_SCORES", 1 if loop else 10**12)
+    monkeypatch.setattr(layers, "CPU_HEAD_LOOP_MIN_SCORES", 1 if loop else 10**12)
     rng = np.random.default_rng(0)
     b, lq, lk, heads, dim = 3, 40, 24, 4, 8
     q = jnp.asarray(rng.standard_normal((b, lq, heads * dim)) * 2, jnp.float32)
@@ -112,3 +112,25 @@ def test_cpu_form_of_xla_attention_matches_jax_nn(monkeypatch, loop):
     want = jax.nn.dot_product_attention(split(q), split(q), split(q), is_causal=True)
     assert not calls
     np.testing.assert_array_equal(causal, want.reshape(b, lq, heads * dim))
+
+
+def test_looped_cpu_attention_keeps_no_scores():
+    """A large attention on a CPU runs one head at a time and its backward recomputes a head's
+    probabilities: the compiled vjp's temporaries stay below one all-heads score matrix (the
+    stacked probabilities autodiff of the loop would keep), where jax.nn's need several."""
+    b, n, heads, dim = 2, 512, 4, 8
+    assert n * n >= layers.CPU_HEAD_LOOP_MIN_SCORES
+    rng = np.random.default_rng(0)
+    q, k, v, cot = (jnp.asarray(rng.standard_normal((b, n, heads * dim)), jnp.float32)
+                    for _ in range(4))  # fmt: skip
+    split = lambda x: x.reshape(b, n, heads, dim)  # noqa: E731
+    scores = b * heads * n * n * 4  # bytes of one fp32 score matrix over all heads
+
+    def temp(f):
+        step = jax.jit(lambda q, k, v: jax.vjp(f, q, k, v)[1](cot))
+        return step.lower(q, k, v).compile().memory_analysis().temp_size_in_bytes
+
+    ours = temp(lambda q, k, v: layers.sdpa(q, k, v, heads))
+    reference = temp(lambda q, k, v: jax.nn.dot_product_attention(
+        split(q), split(k), split(v), implementation="xla").reshape(q.shape))  # fmt: skip
+    assert ours < scores < reference / 2, (ours, scores, reference)

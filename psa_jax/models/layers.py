@@ -217,32 +217,80 @@ def sdpa(
 
 
 # A head's score matrix from this many entries up is computed one head at a time on a CPU.
-_CPU_HEAD_LOOP_MIN_SCORES = 512 * 512
+CPU_HEAD_LOOP_MIN_SCORES = 512 * 512
 
 
 def _cpu_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     """The "xla" attention as XLA:CPU runs it fastest, on ``[B, L, heads, dim]``: heads-major
     scores, softmax normalised after the value product (on ``[.., L, dim]`` instead of
-    ``[.., L, L]``), and one head at a time (``lax.map``, batch inside, so a sharded batch stays
-    sharded) once a head's score matrix is large, so that each pass over it stays in cache.
-    The same math as ``jax.nn.dot_product_attention``'s XLA path, to float rounding. Measured
-    on 2 cores (fwd+bwd): 256 tokens x 8-wide heads 1.3-2.1x, 1024 x 40-wide 2.1-2.3x faster.
+    ``[.., L, L]``). Once a head's score matrix is large, one head at a time
+    (:func:`_looped_attention`). The same math as ``jax.nn.dot_product_attention``'s XLA path,
+    to float rounding. Measured on 2 cores (fwd+bwd against jax.nn's): 256 tokens x 8-wide
+    heads 1.3-2.1x, 1024 x 40-wide 2.9x, 4096 x 40-wide 2.5x faster (BENCHMARKS.md).
     """
-    scale = q.shape[-1] ** -0.5
     qh, kh, vh = (x.transpose(2, 0, 1, 3) for x in (q, k, v))  # [heads, B, L, dim]
-
-    def attend(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-        s = jnp.einsum("...qd,...kd->...qk", q * scale, k, preferred_element_type=jnp.float32)
-        e = jnp.exp(s - jax.lax.stop_gradient(s.max(-1, keepdims=True)))  # softmax's shift
-        o = jnp.einsum("...qk,...kd->...qd", e.astype(v.dtype), v,
-                       preferred_element_type=jnp.float32)  # fmt: skip
-        return (o / e.sum(-1, keepdims=True)).astype(q.dtype)
-
-    if q.shape[1] * k.shape[1] >= _CPU_HEAD_LOOP_MIN_SCORES:
-        out = jax.lax.map(lambda qkv: attend(*qkv), (qh, kh, vh))
+    if q.shape[1] * k.shape[1] >= CPU_HEAD_LOOP_MIN_SCORES:
+        out = _looped_attention(qh, kh, vh)
     else:
-        out = attend(qh, kh, vh)
+        out = _head_forward(qh, kh, vh, keep_probabilities=True)[0]
     return out.transpose(1, 2, 0, 3)
+
+
+def _scores(q: jax.Array, k: jax.Array) -> jax.Array:
+    scale = q.shape[-1] ** -0.5
+    return jnp.einsum("...qd,...kd->...qk", q * scale, k, preferred_element_type=jnp.float32)
+
+
+def _head_forward(
+    q: jax.Array, k: jax.Array, v: jax.Array, keep_probabilities: bool = False
+) -> tuple[jax.Array, jax.Array]:
+    """``(output, log-sum-exp of the scores)``. With ``keep_probabilities`` autodiff keeps
+    ``exp(scores - max)`` for the backward (the max only shifts: no gradient through it)."""
+    s = _scores(q, k)
+    m = s.max(-1, keepdims=True)
+    e = jnp.exp(s - (jax.lax.stop_gradient(m) if keep_probabilities else m))
+    total = e.sum(-1, keepdims=True)
+    o = jnp.einsum("...qk,...kd->...qd", e.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return (o / total).astype(q.dtype), m + jnp.log(total)
+
+
+def _head_backward(q, k, v, o, lse, do) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Attention's vjp from the probabilities recomputed out of ``lse`` (flash attention's
+    backward, one whole score matrix at a time)."""
+    f32 = jnp.float32
+    p = jnp.exp(_scores(q, k) - lse)
+    dv = jnp.einsum("...qk,...qd->...kd", p.astype(do.dtype), do, preferred_element_type=f32)
+    dp = jnp.einsum("...qd,...kd->...qk", do, v, preferred_element_type=f32)
+    ds = (p * (dp - (o.astype(f32) * do.astype(f32)).sum(-1, keepdims=True))).astype(q.dtype)
+    scale = q.shape[-1] ** -0.5
+    dq = jnp.einsum("...qk,...kd->...qd", ds, k, preferred_element_type=f32) * scale
+    dk = jnp.einsum("...qk,...qd->...kd", ds, q * scale, preferred_element_type=f32)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+@jax.custom_vjp
+def _looped_attention(qh: jax.Array, kh: jax.Array, vh: jax.Array) -> jax.Array:
+    """Heads-major ``[heads, B, L, dim]`` attention one head at a time (``lax.map``, batch
+    inside, so a sharded batch stays sharded): each pass over a head's scores stays in cache.
+    Its backward keeps only the output and a log-sum-exp per row and recomputes a head's
+    probabilities when it needs them: autodiff of the loop would stack every head's
+    probabilities, and XLA:CPU zero-fills that stack from a broadcast shared by every loop of
+    that shape, live all step (SD1.5 512 px: 1 GiB more; docs/scaling.md). Measured (2 images,
+    8 heads of 40, fwd+bwd): 1.2x faster than autodiff of the loop, a quarter to a third of its
+    temporaries."""
+    return _looped_forward(qh, kh, vh)[0]
+
+
+def _looped_forward(qh, kh, vh):
+    o, lse = jax.lax.map(lambda x: _head_forward(*x), (qh, kh, vh))
+    return o, (qh, kh, vh, o, lse)
+
+
+def _looped_backward(residuals, do):
+    return jax.lax.map(lambda x: _head_backward(*x), (*residuals, do))
+
+
+_looped_attention.defvjp(_looped_forward, _looped_backward)
 
 
 class TimestepEmbedding(nn.Module):

@@ -28,6 +28,7 @@ import jax
 import numpy as np
 
 from psa_jax.core import parallel
+from psa_jax.models import layers
 from psa_jax.models.unet import UNetConfig
 
 F32 = 4  # bytes: adapter master weights, grads, optimizer moments, cached inputs, softmax scores
@@ -64,7 +65,7 @@ class StepSpec:
     optimizer: str = "adamw"  # "adamw" | "adafactor"
     mesh: tuple[int, int, int] = (1, 1, 1)  # (data, fsdp, tensor)
     rules: tuple = ()  # logical-axis rules, as parallel.logical_rules returns them
-    backend: str = "device"  # "device" (GPU/TPU) or "cpu": see SCORES_BUFFERS
+    backend: str = "device"  # "device" (GPU/TPU) or "cpu" (XLA:CPU's attention form): BACKENDS
 
     @property
     def data_parallel(self) -> int:
@@ -290,7 +291,14 @@ def blocks(cfg: UNetConfig, side: int) -> Iterator[Block]:
 _LAYER_NORMS, _QKV, _GEGLU = 6, 3, 20
 
 
-def _residual_elements(b: Block, text_len: int, user_tokens: int) -> tuple[int, int]:
+def _looped(backend: str, queries: int, keys: int) -> bool:
+    """Whether an attention runs one head at a time: on a CPU, for large score matrices
+    (``layers._cpu_attention``); it keeps no scores (its backward recomputes them)."""
+    return backend == "cpu" and queries * keys >= layers.CPU_HEAD_LOOP_MIN_SCORES
+
+
+def _residual_elements(b: Block, text_len: int, user_tokens: int,
+                       backend: str) -> tuple[int, int]:  # fmt: skip
     """``(activation elements, fp32 score elements)`` one image's forward keeps for ``b``."""
     n = b.tokens
     if b.grad == "none":
@@ -300,27 +308,35 @@ def _residual_elements(b: Block, text_len: int, user_tokens: int) -> tuple[int, 
     if b.kind == "norm_out":
         return n * 2 * b.cin, 0
     c, layer = b.cin, _LAYER_NORMS + _QKV + _GEGLU
-    keys = n + text_len + (user_tokens if user_tokens > 1 else 0)
-    act, scores = n * c * (1 + layer * b.layers), n * b.heads * keys * b.layers
+    # Per layer: self-attention over the n pixels, cross-attention over the text, and over the
+    # user tokens when there are several (one key: the probabilities are 1, nothing kept).
+    key_sets = [n, text_len] + ([user_tokens] if user_tokens > 1 else [])
+    keys = sum(k for k in key_sets if not _looped(backend, n, k))
+    # A looped attention keeps its output and a log-sum-exp per head and row instead.
+    looped = sum(1 for k in key_sets if _looped(backend, n, k))
+    act = n * c * (1 + (layer + looped) * b.layers)
+    scores = n * b.heads * (keys + looped) * b.layers
     if b.grad == "partial":  # the first adapter use is layer 0's attn2: before it, nothing
-        act -= n * c * (1 + _LAYER_NORMS - 2 + _QKV)
-        scores -= n * b.heads * keys
+        act -= n * c * (1 + _LAYER_NORMS - 2 + _QKV + looped)
+        scores -= n * b.heads * (keys + looped)
     return act, scores
 
 
-# Scores-sized fp32 buffers (batch x heads x tokens^2) besides the kept exp, per backend:
-# (live in one self-attention's backward, live through the whole step under remat="full").
-# "device": the cotangent of the probabilities and of the logits (2). "cpu", read from XLA:CPU's
-# buffer assignment (docs/scaling.md): the fused softmax backward's output, a layout copy of it
-# and the softmax scale broadcast to the scores' shape, which XLA:CPU materialises as an operand
-# of its XNNPACK fusions (3); under remat the forward's broadcast is shared by every attention
-# of that shape, including the recomputed ones, so it stays live (1).
-SCORES_BUFFERS = {"device": (2, 0), "cpu": (3, 1)}
+# Scores-sized fp32 buffers (batch x heads x queries x keys) besides the kept exp that one
+# self-attention's backward holds: the cotangents of the probabilities and of the logits (2).
+# XLA:CPU (docs/scaling.md) runs the backward of a looped attention one head at a time: 2 of a
+# head's score matrix.
+SCORES_BUFFERS = 2
+BACKENDS = ("device", "cpu")
 
 
-def _scores_bytes(b: Block, images: int) -> int:
-    """One scores-sized fp32 buffer of ``b``'s self-attention over ``images`` images."""
-    return images * b.heads * b.tokens**2 * F32 if b.kind == "transformer" else 0
+def _scores_bytes(b: Block, images: int, backend: str) -> int:
+    """One scores-sized fp32 buffer of ``b``'s self-attention over ``images`` images (one
+    head's where it is looped)."""
+    if b.kind != "transformer":
+        return 0
+    heads = 1 if _looped(backend, b.tokens, b.tokens) else b.heads
+    return images * heads * b.tokens**2 * F32
 
 
 def _workspace_bytes(b: Block, images: int, act_bytes: int, backend: str) -> int:
@@ -329,7 +345,7 @@ def _workspace_bytes(b: Block, images: int, act_bytes: int, backend: str) -> int
     output cotangents and one intermediate."""
     n = b.tokens * images
     if b.kind == "transformer" and b.grad != "none":
-        scores = SCORES_BUFFERS[backend][0] * _scores_bytes(b, images)
+        scores = SCORES_BUFFERS * _scores_bytes(b, images, backend)
         return scores + 2 * n * b.cin * act_bytes
     return n * (b.cin + 2 * b.cout) * act_bytes
 
@@ -351,24 +367,25 @@ def activation_bytes(spec: StepSpec) -> dict[str, int]:
         raise ValueError(f"remat_policy {spec.remat!r} is not modelled; one of {REMAT_MODELLED}")
     if spec.mesh[2] != 1:
         raise ValueError("activations with tensor parallelism (mesh tensor > 1) are not modelled")
-    if spec.backend not in SCORES_BUFFERS:
-        raise ValueError(f"backend {spec.backend!r}; one of {sorted(SCORES_BUFFERS)}")
+    if spec.backend not in BACKENDS:
+        raise ValueError(f"backend {spec.backend!r}; one of {BACKENDS}")
     images = 2 * spec.batch_per_device  # the policy runs on [chosen; rejected]
     a, t, u = spec.act_bytes, spec.text_len, spec.num_user_tokens
-    kept, work, largest_scores = 0, 0, 0
+    kept, work, earlier_transformer = 0, 0, 0
     for b in blocks(spec.unet, spec.latent_side):
-        own = images * _bytes(_residual_elements(b, t, u), a)
+        own = images * _bytes(_residual_elements(b, t, u, spec.backend), a)
         step_work = _workspace_bytes(b, images, a, spec.backend)
         if spec.remat == "full" and b.kind != "norm_out":
             kept += images * b.tokens * b.cin * a if b.grad != "none" else 0
-            step_work += own
+            # XLA:CPU recomputes the next transformer block (in backward order) before this
+            # block's backward is done (SD1.5 and SDXL buffer assignments; docs/scaling.md).
+            step_work += own + (earlier_transformer if spec.backend == "cpu" else 0)
         else:
             kept += own
+        if b.kind == "transformer":
+            earlier_transformer = own
         if b.grad != "none":
             work = max(work, step_work)
-            largest_scores = max(largest_scores, _scores_bytes(b, images))
-    if spec.remat == "full":
-        kept += SCORES_BUFFERS[spec.backend][1] * largest_scores
     return {"kept": kept, "workspace": work, "total": kept + work}
 
 
