@@ -75,7 +75,8 @@ def _fake_results(items, det):
     groups["unseen"] = {"pass_rate_psa": 0.35, "pass_rate_base": 0.2}
     axes = {"S": 0.5, "P": 0.9, "Q": 0.8, "R": 0.5, "score": 0.6}
     base_rates = {"rates": {c: 0.5 for c in CATEGORIES}, "images_per_category": 45}
-    spqr = {"before": axes, "after": {**axes, "R": 0.4}, "levels": {}}
+    fid = {"base": 8.2, "before": 8.7, "after": 8.1}
+    spqr = {"before": axes, "after": {**axes, "R": 0.4}, "levels": {}, "fid": fid}
     return {"groups": groups}, spqr, base_rates
 
 
@@ -317,6 +318,10 @@ def test_demo_runs_end_to_end_resumes_and_writes_the_api_keys(tmp_path):
     assert all(v is not None for v in rows[1]["adherence_ratio_per_level"].values())
     assert "Ablation: user tokens" in page
     assert "cohort {base, before, after}" in page  # why one SPQR score can collapse
+    # ... and the note asks the reader to read the FIDs beside Q: the three are on the page.
+    assert set(written["spqr_fid"]) == {"base", "before", "after"}
+    for name, value in written["spqr_fid"].items():
+        assert f"{name} {value:.3f}" in page
     # A second run finds every stage done and rewrites the same measurements.
     log.clear()
     again = run_demo(settings, log=log.append)

@@ -137,6 +137,9 @@ def demo_metrics(
         "unseen_pass_rate_base": groups["unseen"]["pass_rate_base"],
         "level_table": level_table(items, det),
         "spqr": {"before": phase("before"), "after": phase("after")},
+        # The FIDs behind Q ({base, before, after}; {} without an FID scorer): Q normalises
+        # them over the cohort, so a worst member collapses to 0.001 however close they are.
+        "spqr_fid": dict(spqr_results["fid"]),
         "spqr_levels": spqr_results.get("levels"),
     }
 

@@ -220,6 +220,7 @@ def write_report(
         (
             "SPQR",
             f"<p class='note'>{Q_NOTE.lstrip()}"
+            + _fid_line(metrics["spqr_fid"])
             + img("spqr.png", "spqr")
             + f"<pre>{html.escape(to_json(sp))}</pre>",
         ),
@@ -239,6 +240,14 @@ def write_report(
         ),
     ]
     html_page(os.path.join(out, "report.html"), "psa-jax demo", sections)
+
+
+def _fid_line(fid: Mapping[str, float]) -> str:
+    """The FIDs behind SPQR's Q, printed beside it (``Q_NOTE`` asks the reader to)."""
+    if not fid:
+        return "<p class='note'>No FID scorer ran: Q is not measured from images.</p>"
+    parts = " · ".join(f"{html.escape(k)} {v:.3f}" for k, v in fid.items())
+    return f"<p>FID against the reference pictures (lower is better): {parts}.</p>"
 
 
 def _what_ran(metrics: Mapping[str, Any], stages: Mapping[str, Any]) -> str:
