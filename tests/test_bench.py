@@ -101,8 +101,9 @@ def test_analytic_flops_of_sd15():
 
 
 def test_analytic_flops_agree_with_xla_on_the_tiny_unet():
-    """The counter walks the same network XLA compiles (XLA also counts norms and
-    elementwise work, so it may only be a little higher)."""
+    """The counter walks the same network XLA compiles. XLA also counts norms and elementwise
+    work, but counts a convolution's taps only where they fall inside the image (16x16 and 8x8
+    latents: 8% and 16% fewer than k^2 per pixel), so it may land a little either side."""
     shape = resolve("tiny")
     models = base_models(shape)
     s, c, n = shape.latent_side, shape.latent_channels, 2
@@ -115,7 +116,7 @@ def test_analytic_flops_agree_with_xla_on_the_tiny_unet():
     cost = fwd.lower(models.unet_params, *args).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     analytic = n * flops.unet_forward(shape.unet, s, shape.text_len).flops
-    assert analytic <= cost["flops"] <= 1.25 * analytic, (analytic, cost["flops"])
+    assert 0.85 * analytic <= cost["flops"] <= 1.25 * analytic, (analytic, cost["flops"])
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-xl"])
@@ -130,6 +131,7 @@ def test_torch_fair_and_psa_jax_compute_the_same_dpo_loss(name):
 
     from psa_jax.bench.torch_models import PSAAdapter, torch_unet
     from psa_jax.bench.torch_train import _alphas_cumprod, fair_loss
+    from psa_jax.core.parallel import interleave_rows, split_rows
     from psa_jax.models.adapter_io import export_adapter
     from psa_jax.models.convert import flax_to_torch
     from psa_jax.models.psa_unet import abstract_variables
@@ -147,7 +149,9 @@ def test_torch_fair_and_psa_jax_compute_the_same_dpo_loss(name):
     r_w, r_l, r_noise = jax.random.split(rng, 3)
     lat_w = clean_latents(batch, "chosen", r_w, shape.scaling_factor)
     lat_l = clean_latents(batch, "rejected", r_l, shape.scaling_factor)
-    _, t, target = _noised(models.schedule, jnp.concatenate([lat_w, lat_l]), r_noise, 2)
+    pairs = interleave_rows(lat_w, lat_l)  # as DPOTask: a pair's two images side by side
+    _, t, target = _noised(models.schedule, pairs, r_noise, 2)
+    (target_w, _), (t_w, _) = split_rows(target, 2), split_rows(t, 2)
     nchw = lambda x: torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())  # noqa: E731
     unet = torch_unet(shape.unet, flax_to_torch(models.unet_params, np.float32))
     ta = PSAAdapter(unet, shape.user_embed_dim, shape.num_user_tokens, concat=False)
@@ -160,8 +164,8 @@ def test_torch_fair_and_psa_jax_compute_the_same_dpo_loss(name):
     if shape.sdxl:
         added = {k: torch.cat([tb[v]] * 2) for k, v in (("text_embeds", "text_pooled"),
                                                        ("time_ids", "time_ids"))}  # fmt: skip
-    got = fair_loss(unet, ta, nchw(lat_w), nchw(lat_l), nchw(target[:2]),
-                    torch.from_numpy(np.array(t[:2])).long(), tb["text_states"],
+    got = fair_loss(unet, ta, nchw(lat_w), nchw(lat_l), nchw(target_w),
+                    torch.from_numpy(np.array(t_w)).long(), tb["text_states"],
                     tb["user_embeds"], beta, _alphas_cumprod(shape), added)  # fmt: skip
     assert abs(float(want) - math.log(2)) > 1e-3  # the adapter really moves the policy
     assert float(got.detach()) == pytest.approx(float(want), rel=1e-4)

@@ -177,16 +177,18 @@ def test_non_finite_step_changes_nothing(tiny_dpo):
         assert np.array_equal(np.asarray(a), np.asarray(b), equal_nan=True)
 
 
-def test_denoise_on_both_images_is_one_batch_of_chosen_then_rejected(tiny_dpo):
-    """``image_key="both"`` learns rejected images exactly as extra chosen rows would be."""
+def test_denoise_on_both_images_is_one_batch_of_pairs_side_by_side(tiny_dpo):
+    """``image_key="both"`` learns rejected images exactly as extra chosen rows would be, each
+    pair's two images in adjacent rows (``interleave_rows``: a device keeps its own pairs)."""
     _, params, _, batch = tiny_dpo
     module, sched = tiny_dpo[0].module, noise.make_noise_schedule()
     r = np.random.default_rng(3)
     pix = {k: r.normal(size=(4, 16, 16, 4)).astype(np.float32) for k in ("chosen", "rejected")}
     both = {**pix, "text_states": batch["text_states"]}
+    side_by_side = lambda a, b: np.stack([a, b], axis=1).reshape(-1, *a.shape[1:])  # noqa: E731
     stacked = {
-        "chosen": np.concatenate([pix["chosen"], pix["rejected"]]),
-        "text_states": np.concatenate([batch["text_states"]] * 2),
+        "chosen": side_by_side(pix["chosen"], pix["rejected"]),
+        "text_states": side_by_side(batch["text_states"], batch["text_states"]),
     }
     key = jax.random.PRNGKey(5)
     got, _ = DenoiseTask(module, sched, image_key="both").loss(params, {}, both, key)
@@ -303,7 +305,7 @@ def test_unsafe_weights_weigh_each_pairs_unsafe_image(tiny_dpo):
         plain, _ = task.loss(params, {}, b, key)
     finally:
         step_lib.denoise_loss = orig
-    want = np.mean(per["mse"] * np.concatenate([lw[:, 0], lw[:, 1]]))  # chosen rows, rejected
+    want = np.mean(per["mse"] * lw.reshape(-1))  # rows: each pair's chosen, then its rejected
     np.testing.assert_allclose(float(got), want, rtol=1e-5)
     assert float(m["mse"]) == pytest.approx(float(per["mse"].mean()), rel=1e-5)  # unweighted
     assert float(got) != pytest.approx(float(plain), rel=1e-3)

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax.core import meta
 from jax.experimental import mesh_utils
@@ -153,6 +154,24 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def data_parallel_size(mesh: Mesh) -> int:
     return _axes_size(mesh, BATCH_AXES)
+
+
+def interleave_rows(*arrays: jax.Array) -> jax.Array:
+    """``[a0, b0, a1, b1, ...]``: the rows of equally shaped batch-major arrays, side by side.
+
+    The way to batch a pair's two images (or CFG's two branches) under data parallelism: every
+    device keeps its own rows. ``concatenate([a, b])`` puts ``a``'s rows on the first devices
+    and ``b``'s on the last, an all-to-all per input and a collective-permute per slice back.
+    """
+    return jnp.stack(arrays, axis=1).reshape(-1, *arrays[0].shape[1:])
+
+
+def split_rows(x: jax.Array, k: int) -> tuple[jax.Array, ...]:
+    """The ``k`` arrays that :func:`interleave_rows` interleaved into ``x``."""
+    if x.shape[0] % k:
+        raise ValueError(f"{x.shape[0]} rows do not split into {k} interleaved arrays")
+    y = x.reshape(x.shape[0] // k, k, *x.shape[1:])
+    return tuple(y[:, i] for i in range(k))
 
 
 def put_tree(tree: Any, shardings: Any) -> Any:

@@ -17,7 +17,16 @@ import jax
 import jax.numpy as jnp
 
 from psa_jax.models.adapter import AdapterDense, user_attention
-from psa_jax.models.layers import Dtype, constrain_batch, conv, dense, group_norm, layer_norm, sdpa
+from psa_jax.models.layers import (
+    Dtype,
+    constrain_batch,
+    conv,
+    dense,
+    gelu,
+    group_norm,
+    layer_norm,
+    sdpa,
+)
 
 
 class Attention(nn.Module):
@@ -81,7 +90,7 @@ class FeedForward(nn.Module):
         inner = self.dim * self.mult
         h = dense(2 * inner, ("embed", "mlp"), dtype=self.dtype, name="net.0.proj")(x)
         hidden, gate = jnp.split(h, 2, axis=-1)
-        h = hidden * nn.gelu(gate, approximate=False)
+        h = hidden * gelu(gate)
         return dense(self.dim, ("mlp", "embed"), dtype=self.dtype, name="net.2")(h)
 
 

@@ -36,11 +36,11 @@ from psa_jax.models.convert import (
     torch_to_flax,
     write_safetensors,
 )
-from psa_jax.models.layers import Dtype, dense, layer_norm, sdpa
+from psa_jax.models.layers import Dtype, dense, gelu, layer_norm, sdpa
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),  # OpenAI CLIP (SD1.x CLIP-L)
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # OpenCLIP (SD2.x, SDXL encoder 2)
+    "gelu": gelu,  # OpenCLIP (SD2.x, SDXL encoder 2)
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
 }

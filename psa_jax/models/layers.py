@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax.core import meta
+from jax import lax
 
 Dtype = Any
 
@@ -102,8 +103,88 @@ def conv(
             _torch_kernel_init, (None, None, "conv_in", "conv_out")
         ),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
+        conv_general_dilated=_conv_general_dilated,
         name=name,
     )
+
+
+# A CPU convolution's kernel this many times larger than its activations (input + output) takes
+# :func:`_weight_bound_conv`'s backward.
+CPU_WEIGHT_BOUND_RATIO = 8
+
+
+def _conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+                          precision=None):  # fmt: skip
+    """``lax.conv_general_dilated`` for :func:`conv`; on a CPU, a plain NHWC/HWIO stride-1 conv
+    whose kernel outweighs its activations (SD's deep levels) goes through
+    :func:`_weight_bound_conv`. Same values; a faster input gradient."""
+
+    def default() -> jax.Array:
+        return lax.conv_general_dilated(
+            lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+            feature_group_count=feature_group_count, precision=precision)  # fmt: skip
+
+    if lhs.ndim != 4 or rhs.ndim != 4:
+        return default()
+    nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
+    kh, kw, cin, cout = rhs.shape
+    plain = (
+        dimension_numbers == nhwc and feature_group_count == 1
+        and tuple(window_strides) == (1, 1) and kh == kw and kh % 2 == 1
+        and tuple(map(tuple, padding)) == ((kh // 2, kh // 2),) * 2
+        and all(d is None or tuple(d) == (1, 1) for d in (lhs_dilation, rhs_dilation))
+    )  # fmt: skip
+    activations = lhs.shape[0] * lhs.shape[1] * lhs.shape[2] * (cin + cout)
+    if plain and _default_platform() == "cpu" and rhs.size >= CPU_WEIGHT_BOUND_RATIO * activations:
+        return _weight_bound_conv(lhs, rhs, precision)
+    return default()
+
+
+def _same_conv(x: jax.Array, w: jax.Array, precision: Any = None) -> jax.Array:
+    p = w.shape[0] // 2
+    return lax.conv_general_dilated(x, w, (1, 1), ((p, p), (p, p)), precision=precision,
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))  # fmt: skip
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _weight_bound_conv(x: jax.Array, w: jax.Array, precision: Any = None) -> jax.Array:
+    """A same-size, stride-1 NHWC/HWIO convolution whose input gradient is one matrix product
+    with the kernel as stored (``w[tap] @ dy^T`` for every tap at once) and a sum of shifted
+    slices. Autodiff's input gradient is a convolution with the kernel flipped and its
+    channels swapped, and XLA:CPU makes that copy of the kernel every step at ~0.5 GB/s: a
+    third of the SD1.5 256 px DPO step went to copying its deep levels' kernels. Where the
+    kernel outweighs the activations 8x or more, 4-19x faster on one core (BENCHMARKS.md);
+    below that, slower. The kernel gradient (trainable convolutions) is XLA's own."""
+    return _same_conv(x, w, precision)
+
+
+def _weight_bound_fwd(x, w, precision):
+    return _same_conv(x, w, precision), (x, w)
+
+
+def _weight_bound_bwd(precision, residuals, dy):
+    x, w = residuals
+    kh, kw, cin, cout = w.shape
+    p = kh // 2
+    # z[t, i, pixel] = sum_o w[t, i, o] dy[pixel, o]: every output pixel's share of the input
+    # pixels around it, one tap t at a time, as one plain matrix product with the kernel as
+    # stored on the left (any other arrangement had XLA copy the kernel first); tap (a, b) of
+    # output row r lands on input row r + a - p.
+    z = jnp.einsum("ko,no->kn", w.reshape(kh * kw * cin, cout), dy.reshape(-1, cout),
+                   precision=precision, preferred_element_type=jnp.float32)  # fmt: skip
+    z = z.reshape(kh * kw, cin, *dy.shape[:3])
+    zero = jnp.zeros((), z.dtype)
+    dx = sum(
+        lax.pad(z[a * kw + b], zero,
+                ((0, 0, 0), (0, 0, 0), (a - p, p - a, 0), (b - p, p - b, 0)))
+        for a in range(kh) for b in range(kw)
+    )  # fmt: skip
+    dw = jax.vjp(lambda w: _same_conv(x, w, precision), w)[1](dy)[0]
+    return dx.transpose(1, 2, 3, 0).astype(x.dtype), dw
+
+
+_weight_bound_conv.defvjp(_weight_bound_fwd, _weight_bound_bwd)
 
 
 # Shared by both norms. Two-pass variance (use_fast_variance=False): the fast E[x^2]-E[x]^2
@@ -148,6 +229,13 @@ def timestep_embedding(
 # backend; on a CPU in the form XLA:CPU runs fastest, ``_cpu_attention``); "cudnn": cuDNN's
 # fused flash attention (``jax.nn.dot_product_attention``), an error where it does not apply;
 # "auto": cuDNN where it applies, XLA elsewhere, each fallback logged.
+def gelu(x: jax.Array) -> jax.Array:
+    """Exact GELU as PyTorch writes it, ``x / 2 * (1 + erf(x / sqrt(2)))``. ``jax.nn.gelu``'s
+    exact form goes through ``erfc``, which XLA:CPU expands with an ``exp`` and selects: its
+    fusions were ~4% of the tiny DPO step's op time (a trace, BENCHMARKS.md)."""
+    return 0.5 * x * (1.0 + jax.lax.erf(x * np.asarray(np.sqrt(0.5), x.dtype)))
+
+
 ATTENTION_IMPLS = ("xla", "cudnn", "auto")
 _CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _CUDNN_MAX_HEAD_DIM = 128  # cuDNN's flash attention (SD1.5's 160-wide heads do not qualify)
@@ -223,16 +311,18 @@ CPU_HEAD_LOOP_MIN_SCORES = 512 * 512
 def _cpu_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     """The "xla" attention as XLA:CPU runs it fastest, on ``[B, L, heads, dim]``: heads-major
     scores, softmax normalised after the value product (on ``[.., L, dim]`` instead of
-    ``[.., L, L]``). Once a head's score matrix is large, one head at a time
-    (:func:`_looped_attention`). The same math as ``jax.nn.dot_product_attention``'s XLA path,
-    to float rounding. Measured on 2 cores (fwd+bwd against jax.nn's): 256 tokens x 8-wide
-    heads 1.3-2.1x, 1024 x 40-wide 2.9x, 4096 x 40-wide 2.5x faster (BENCHMARKS.md).
+    ``[.., L, L]``), a hand-written backward (:func:`_attention_vjp`). Once a head's score
+    matrix is large, one head at a time (:func:`_looped_attention`). The same math as
+    ``jax.nn.dot_product_attention``'s XLA path, to float rounding. Measured on one core
+    (fwd+bwd against jax.nn's and autodiff's; BENCHMARKS.md): 256 tokens x 8-wide heads 2.2x
+    faster than autodiff of the same forward, 1024 x 40-wide 2.9x and 4096 x 40-wide 2.5x
+    faster than jax.nn.
     """
     qh, kh, vh = (x.transpose(2, 0, 1, 3) for x in (q, k, v))  # [heads, B, L, dim]
     if q.shape[1] * k.shape[1] >= CPU_HEAD_LOOP_MIN_SCORES:
         out = _looped_attention(qh, kh, vh)
     else:
-        out = _head_forward(qh, kh, vh, keep_probabilities=True)[0]
+        out = _whole_attention(qh, kh, vh)
     return out.transpose(1, 2, 0, 3)
 
 
@@ -241,31 +331,78 @@ def _scores(q: jax.Array, k: jax.Array) -> jax.Array:
     return jnp.einsum("...qd,...kd->...qk", q * scale, k, preferred_element_type=jnp.float32)
 
 
-def _head_forward(
-    q: jax.Array, k: jax.Array, v: jax.Array, keep_probabilities: bool = False
-) -> tuple[jax.Array, jax.Array]:
-    """``(output, log-sum-exp of the scores)``. With ``keep_probabilities`` autodiff keeps
-    ``exp(scores - max)`` for the backward (the max only shifts: no gradient through it)."""
+def _softmax_parts(q: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(max, exp(scores - max), row sums of that)`` of the fp32 scores."""
     s = _scores(q, k)
     m = s.max(-1, keepdims=True)
-    e = jnp.exp(s - (jax.lax.stop_gradient(m) if keep_probabilities else m))
-    total = e.sum(-1, keepdims=True)
+    e = jnp.exp(s - m)
+    return m, e, e.sum(-1, keepdims=True)
+
+
+def _weighted_values(e: jax.Array, total: jax.Array, v: jax.Array, dtype: Any) -> jax.Array:
     o = jnp.einsum("...qk,...kd->...qd", e.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return (o / total).astype(q.dtype), m + jnp.log(total)
+    return (o / total).astype(dtype)
+
+
+def _head_forward(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(output, log-sum-exp of the scores)``."""
+    m, e, total = _softmax_parts(q, k)
+    return _weighted_values(e, total, v, q.dtype), m + jnp.log(total)
+
+
+def _contract_rows(small: jax.Array, big: jax.Array) -> jax.Array:
+    """``einsum("...qd,...qk->...kd", small, big)``, a sum over both operands' rows, computed
+    as ``(small^T @ big)^T`` behind an optimization barrier. Left alone, XLA folds those
+    transposes into a dot contracting the big operand's major dimension, which XLA:CPU gives
+    to Eigen rather than YNNPACK: 6x slower on [256, 256] score blocks (BENCHMARKS.md)."""
+    small_t = jnp.swapaxes(small, -1, -2)
+    out = jnp.einsum("...dq,...qk->...dk", small_t, big, preferred_element_type=jnp.float32)
+    return jnp.swapaxes(jax.lax.optimization_barrier(out), -1, -2)
+
+
+def _attention_vjp(q, k, v, o, do, e, total=None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Attention's vjp from the softmax's numerators ``e`` and their row sums ``total``
+    (``None``: ``e`` is the probabilities themselves): flash attention's backward, one whole
+    score matrix at a time, the row sums dividing ``[.., L, dim]`` tensors, not ``e``."""
+    f32 = jnp.float32
+    do32 = do.astype(f32)
+    dp = jnp.einsum("...qd,...kd->...qk", do, v, preferred_element_type=f32)
+    dp = dp - (o.astype(f32) * do32).sum(-1, keepdims=True)
+    if total is not None:
+        do32, dp = do32 / total, dp / total
+    dv = _contract_rows(do32.astype(v.dtype), e.astype(v.dtype))
+    ds = (e * dp).astype(q.dtype)
+    scale = q.shape[-1] ** -0.5
+    dq = jnp.einsum("...qk,...kd->...qd", ds, k, preferred_element_type=f32) * scale
+    dk = _contract_rows(q * scale, ds)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+@jax.custom_vjp
+def _whole_attention(qh: jax.Array, kh: jax.Array, vh: jax.Array) -> jax.Array:
+    """Heads-major ``[heads, B, L, dim]`` attention, all heads at once; its backward keeps the
+    softmax's numerators and row sums (what autodiff of the forward keeps) and runs
+    :func:`_attention_vjp`: 2.2x faster than autodiff on 256 tokens (its transposed dots)."""
+    return _whole_forward(qh, kh, vh)[0]
+
+
+def _whole_forward(qh, kh, vh):
+    _, e, total = _softmax_parts(qh, kh)
+    o = _weighted_values(e, total, vh, qh.dtype)
+    return o, (qh, kh, vh, o, e, total)
+
+
+def _whole_backward(residuals, do):
+    qh, kh, vh, o, e, total = residuals
+    return _attention_vjp(qh, kh, vh, o, do, e, total)
+
+
+_whole_attention.defvjp(_whole_forward, _whole_backward)
 
 
 def _head_backward(q, k, v, o, lse, do) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Attention's vjp from the probabilities recomputed out of ``lse`` (flash attention's
-    backward, one whole score matrix at a time)."""
-    f32 = jnp.float32
-    p = jnp.exp(_scores(q, k) - lse)
-    dv = jnp.einsum("...qk,...qd->...kd", p.astype(do.dtype), do, preferred_element_type=f32)
-    dp = jnp.einsum("...qd,...kd->...qk", do, v, preferred_element_type=f32)
-    ds = (p * (dp - (o.astype(f32) * do.astype(f32)).sum(-1, keepdims=True))).astype(q.dtype)
-    scale = q.shape[-1] ** -0.5
-    dq = jnp.einsum("...qk,...kd->...qd", ds, k, preferred_element_type=f32) * scale
-    dk = jnp.einsum("...qk,...qd->...kd", ds, q * scale, preferred_element_type=f32)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+    """One head's vjp from its probabilities, recomputed out of ``lse``."""
+    return _attention_vjp(q, k, v, o, do, jnp.exp(_scores(q, k) - lse))
 
 
 @jax.custom_vjp

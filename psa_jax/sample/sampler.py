@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from psa_jax.core.parallel import interleave_rows, split_rows
 from psa_jax.sample import schedulers as sched_lib
 
 
@@ -59,8 +60,9 @@ class Sampler:
         return self.guidance_scale > 1.0
 
 
-def _concat(a: Any, b: Any) -> Any:
-    return jax.tree.map(lambda x, y: jnp.concatenate([x, y]), a, b)
+def _pair(a: Any, b: Any) -> Any:
+    """CFG's two branches row by row (``interleave_rows``: a device keeps its own samples)."""
+    return jax.tree.map(interleave_rows, a, b)
 
 
 def guided_prediction(
@@ -75,18 +77,18 @@ def guided_prediction(
             variables, x, t, cond.text_states, cond.added, user_embeds=user, user_scale=scale
         )
     if user is not None:  # the unconditional branch projects a zero profile (PSAlign)
-        user = jnp.concatenate([jnp.zeros_like(user), user])
-    added = None if cond.added is None else _concat(cond.neg_added, cond.added)
+        user = _pair(jnp.zeros_like(user), user)
+    added = None if cond.added is None else _pair(cond.neg_added, cond.added)
     out = sampler.module.apply(
         variables,
-        jnp.concatenate([x, x]),
+        _pair(x, x),
         t,
-        jnp.concatenate([cond.neg_text_states, cond.text_states]),
+        _pair(cond.neg_text_states, cond.text_states),
         added,
         user_embeds=user,
-        user_scale=jnp.concatenate([scale, scale]),
+        user_scale=_pair(scale, scale),
     )
-    neg, pos = out[:b], out[b:]
+    neg, pos = split_rows(out, 2)
     return neg + sampler.guidance_scale * (pos - neg)
 
 

@@ -31,6 +31,7 @@ import numpy as np
 import optax
 
 from psa_jax.core import diffusion as noise_lib
+from psa_jax.core.parallel import interleave_rows, split_rows
 from psa_jax.models.unet import UNet2DConditionModel
 from psa_jax.models.vae import AutoencoderKL, DiagonalGaussian
 from psa_jax.train import lora as lora_lib
@@ -66,20 +67,23 @@ def clean_latents(
 
 
 def _noised(schedule: noise_lib.NoiseSchedule, x0: jax.Array, rng: jax.Array, pairs: int = 1):
-    """``(noisy, t, target)`` for clean latents ``x0``; with ``pairs=2`` (``x0 = [w; l]``) both
-    halves share one noise and timestep draw, as Diffusion-DPO needs."""
+    """``(noisy, t, target)`` for clean latents ``x0``; with ``pairs=2``
+    (``x0 = interleave_rows(w, l)``) a pair's two rows share one noise and timestep draw, as
+    Diffusion-DPO needs."""
     r_noise, r_t = jax.random.split(rng)
     b = x0.shape[0] // pairs
-    noise = jnp.concatenate([jax.random.normal(r_noise, (b, *x0.shape[1:]), jnp.float32)] * pairs)
-    t = jnp.concatenate([noise_lib.sample_timesteps(r_t, b, schedule)] * pairs)
+    noise = jax.random.normal(r_noise, (b, *x0.shape[1:]), jnp.float32)
+    noise = interleave_rows(*[noise] * pairs)
+    t = interleave_rows(*[noise_lib.sample_timesteps(r_t, b, schedule)] * pairs)
     noisy = noise_lib.add_noise(schedule, x0, noise, t)
     return noisy, t, noise_lib.training_target(schedule, x0, noise, t)
 
 
 def _added_cond(batch: Batch, repeat: int) -> dict[str, jax.Array] | None:
+    """SDXL's added conditioning, each row ``repeat`` times in a row (``interleave_rows``)."""
     if "time_ids" not in batch:
         return None
-    tile = lambda x: jnp.concatenate([x] * repeat)  # noqa: E731
+    tile = lambda x: interleave_rows(*[x] * repeat)  # noqa: E731
     return {"text_embeds": tile(batch["text_pooled"]), "time_ids": tile(batch["time_ids"])}
 
 
@@ -95,33 +99,33 @@ class DPOTask:
     shift_factor: float = 0.0  # the VAE's (SD3/Flux-style VAEs; 0 for SD1.x/SDXL)
 
     def _predictions(self, adapter: Any, frozen: Any, batch: Batch, rng: jax.Array):
-        """Policy and reference predictions for ``[chosen; rejected]`` and their target."""
+        """Policy and reference predictions and the target, a pair's chosen and rejected rows
+        side by side (``interleave_rows``: each device keeps its own pairs)."""
         r_w, r_l, r_noise = jax.random.split(rng, 3)
         lat_w = clean_latents(batch, "chosen", r_w, self.scaling_factor, self.shift_factor)
         lat_l = clean_latents(batch, "rejected", r_l, self.scaling_factor, self.shift_factor)
-        b = lat_w.shape[0]
-        noisy, tt, target = _noised(self.schedule, jnp.concatenate([lat_w, lat_l]), r_noise, 2)
-        ctx = jnp.concatenate([batch["text_states"]] * 2)
-        user = jnp.concatenate([batch["user_embeds"]] * 2)
+        noisy, tt, target = _noised(self.schedule, interleave_rows(lat_w, lat_l), r_noise, 2)
+        ctx = interleave_rows(*[batch["text_states"]] * 2)
+        user = interleave_rows(*[batch["user_embeds"]] * 2)
         added = _added_cond(batch, 2)
         pred = self.module.apply(
             {"params": frozen, "adapter": adapter}, noisy, tt, ctx, added, user_embeds=user
         )
         ref = jax.lax.stop_gradient(self.module.apply({"params": frozen}, noisy, tt, ctx, added))
-        return pred, ref, target, b
+        return pred, ref, target
 
     def loss(self, adapter: Any, frozen: Any, batch: Batch, rng: jax.Array):
-        pred, ref, target, b = self._predictions(adapter, frozen, batch, rng)
+        pred, ref, target = self._predictions(adapter, frozen, batch, rng)
         weights = batch.get("loss_weight")  # [B]: train.dpo_balance (balanced_pair_weights)
-        return dpo_loss(pred[:b], pred[b:], ref[:b], ref[b:], target[:b], target[b:], self.beta,
-                        self.chosen_weight, weights)  # fmt: skip
+        return dpo_loss(*split_rows(pred, 2), *split_rows(ref, 2), *split_rows(target, 2),
+                        self.beta, self.chosen_weight, weights)  # fmt: skip
 
     def margins(self, adapter: Any, frozen: Any, batch: Batch, rng: jax.Array) -> jax.Array:
         """``[B]`` per-pair reward margin ``(ref_w - mse_w) - (ref_l - mse_l)`` for one
         (noise, timestep) draw; its sign is the pair's implicit preference."""
-        pred, ref, target, b = self._predictions(adapter, frozen, batch, rng)
-        improve = per_sample_improvement(pred, ref, target)
-        return improve[:b] - improve[b:]
+        pred, ref, target = self._predictions(adapter, frozen, batch, rng)
+        improve_w, improve_l = split_rows(per_sample_improvement(pred, ref, target), 2)
+        return improve_w - improve_l
 
 
 IMAGE_KEYS = ("chosen", "rejected", "both")
@@ -158,7 +162,7 @@ class DenoiseTask:
     def loss(self, trainable: Any, frozen: Any, batch: Batch, rng: jax.Array):
         r_x, r_noise = jax.random.split(rng)
         keys = denoise_image_keys(self.image_key)
-        x0 = jnp.concatenate([
+        x0 = interleave_rows(*[
             clean_latents(batch, k, jax.random.fold_in(r_x, i), self.scaling_factor,
                           self.shift_factor)
             for i, k in enumerate(keys)
@@ -169,13 +173,13 @@ class DenoiseTask:
         else:
             params = lora_lib.merge_lora(frozen, trainable, self.lora_scale)
         added = _added_cond(batch, len(keys))
-        ctx = jnp.concatenate([batch["text_states"]] * len(keys))
+        ctx = interleave_rows(*[batch["text_states"]] * len(keys))
         pred = self.module.apply({"params": params}, noisy, t, ctx, added)
         weights = None
         if self.snr_gamma:
             weights = min_snr_weights(self.schedule, t, self.snr_gamma)
         if "loss_weight" in batch:  # [B, len(keys)]: train.unsafe_weights (unsafe_loss_weights)
-            lw = jnp.transpose(batch["loss_weight"].astype(jnp.float32)).reshape(-1)
+            lw = batch["loss_weight"].astype(jnp.float32).reshape(-1)  # rows as x0 interleaves
             weights = lw if weights is None else weights * lw
         return denoise_loss(pred, target, weights)
 
@@ -210,7 +214,7 @@ class VAETask:
 
     def loss(self, params: Any, frozen: Any, batch: Batch, rng: jax.Array):
         del frozen
-        x = jnp.concatenate([batch["chosen"], batch["rejected"]]).astype(jnp.float32)
+        x = interleave_rows(batch["chosen"], batch["rejected"]).astype(jnp.float32)
         post = _posterior(self.module, params, x)
         recon = self.module.apply({"params": params}, post.sample(rng), method=AutoencoderKL.decode)
         mse = jnp.mean(jnp.square(recon.astype(jnp.float32) - x))
