@@ -38,6 +38,7 @@ import psa_jax
 from psa_jax import cli
 from psa_jax.core import diffusion as noise_lib
 from psa_jax.core.checkpoint import restore_host_params
+from psa_jax.core.parallel import interleave_rows, split_rows
 from psa_jax.data.cache import load_caches
 from psa_jax.data.profiles import packaged_users_csv
 from psa_jax.sample.pipeline import Pipeline
@@ -313,11 +314,13 @@ def test_dpo_step_loss_equals_a_pytorch_reference_step(kind, folders, tmp_path):
     _, metrics = train_step(state, unet.params, batch)
 
     # The step's draws, replayed with its own functions: latents from the moments, then one
-    # noise and timestep per pair.
+    # noise and timestep per pair (rows interleaved as the step has them), then PSAlign's
+    # layout: all chosen rows, then all rejected.
     r_w, r_l, r_noise = jax.random.split(jax.random.fold_in(state.rng, state.step), 3)
-    x0 = jnp.concatenate([step_lib.clean_latents(batch, "chosen", r_w, scaling),
-                          step_lib.clean_latents(batch, "rejected", r_l, scaling)])  # fmt: skip
-    noisy, t, target = step_lib._noised(schedule, x0, r_noise, 2)
+    x0 = interleave_rows(step_lib.clean_latents(batch, "chosen", r_w, scaling),
+                         step_lib.clean_latents(batch, "rejected", r_l, scaling))  # fmt: skip
+    noisy, t, target = (jnp.concatenate(split_rows(x, 2))
+                        for x in step_lib._noised(schedule, x0, r_noise, 2))  # fmt: skip
 
     # The reference in float64: what is left is psa_jax's float32 rounding.
     policy, proj, base = (m.double() for m in _torch_unets(folder, adapter_file,

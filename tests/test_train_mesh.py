@@ -82,10 +82,9 @@ def test_meshes_give_the_single_device_result():
 @pytest.mark.slow
 def test_fsdp_splits_the_activations_with_the_batch():
     """data 1 x fsdp 4, the same global batch as one device: the trainer's step (activations
-    constrained to ``act_batch``) needs about a quarter of one device's temporaries per device;
-    the same step jitted without the constraints (``"constrain": false``) runs every block on
-    the whole batch (XLA's partitioner splits the weights' ``embed`` axis instead) and needs
-    about as much as one device. Both compute the one-device result."""
+    constrained to ``act_batch``) needs about a quarter of one device's temporaries per device,
+    and no more than the same step jitted without the constraints (``"constrain": false``).
+    Both compute the one-device result."""
     fsdp = {"data": 1, "fsdp": 4, "tensor": 1}
     shapes = {
         "single": SHAPES["single"],
@@ -97,7 +96,11 @@ def test_fsdp_splits_the_activations_with_the_batch():
     errors = _errors(out, ("fsdp4", "unconstrained"))
     assert all(max(e) <= 1e-5 for e in errors.values()), errors
     temp = {name: out[name]["temp_bytes"] for name in shapes}
-    # Measured: single 304 MB, fsdp4 78 MB, unconstrained 271 MB (float64).
+    # Measured: single 304 MB, fsdp4 78 MB, unconstrained 80 MB (float64). Unconstrained was
+    # 271 MB while the DPO step concatenated a pair's halves: XLA's partitioner then split the
+    # weights' embed axis and ran every block on the whole batch. With the halves interleaved
+    # (parallel.interleave_rows) it keeps the batch split by itself on this model; the
+    # constraints still pin it where propagation would not (tests/test_memory_model.py's fsdp).
     assert temp["fsdp4"] < 0.4 * temp["single"], temp
-    assert temp["fsdp4"] < 0.5 * temp["unconstrained"], temp
+    assert temp["fsdp4"] <= 1.05 * temp["unconstrained"], temp
     assert any("fsdp" in s for s in out["fsdp4"]["specs"])
