@@ -225,10 +225,6 @@ def timestep_embedding(
     return emb
 
 
-# ``model.attention``: how the UNet's attention is computed. "xla": XLA's softmax(QK^T)V (every
-# backend; on a CPU in the form XLA:CPU runs fastest, ``_cpu_attention``); "cudnn": cuDNN's
-# fused flash attention (``jax.nn.dot_product_attention``), an error where it does not apply;
-# "auto": cuDNN where it applies, XLA elsewhere, each fallback logged.
 def gelu(x: jax.Array) -> jax.Array:
     """Exact GELU as PyTorch writes it, ``x / 2 * (1 + erf(x / sqrt(2)))``. ``jax.nn.gelu``'s
     exact form goes through ``erfc``, which XLA:CPU expands with an ``exp`` and selects: its
@@ -236,6 +232,10 @@ def gelu(x: jax.Array) -> jax.Array:
     return 0.5 * x * (1.0 + jax.lax.erf(x * np.asarray(np.sqrt(0.5), x.dtype)))
 
 
+# ``model.attention``: how the UNet's attention is computed. "xla": XLA's softmax(QK^T)V (every
+# backend; on a CPU in the form XLA:CPU runs fastest, ``_cpu_attention``); "cudnn": cuDNN's
+# fused flash attention (``jax.nn.dot_product_attention``), an error where it does not apply;
+# "auto": cuDNN where it applies, XLA elsewhere, each fallback logged.
 ATTENTION_IMPLS = ("xla", "cudnn", "auto")
 _CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _CUDNN_MAX_HEAD_DIM = 128  # cuDNN's flash attention (SD1.5's 160-wide heads do not qualify)
