@@ -71,3 +71,70 @@ def test_the_program_splits_the_cpu_before_jax_starts():
     assert "DEVICES 3 0" in proc.stdout
     proc = _program("none")
     assert "psa-jax info: error: $PSA_JAX_CPU_DEVICES='none'" in proc.stderr
+
+
+# glibc huge pages: the program restarts itself once with ``glibc.malloc.hugetlb=1`` so XLA's
+# per-step temporaries fault in 2 MiB at a time (BENCHMARKS.md).
+GLIBC = ("glibc", "2.36")
+
+
+def test_hugepage_environ_adds_the_tunable_only_where_it_helps():
+    new = cli.hugepage_environ({"A": "1"}, "madvise", GLIBC)
+    assert new == {"A": "1", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+    kept = {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}
+    assert cli.hugepage_environ(kept, "madvise", GLIBC)["GLIBC_TUNABLES"] == (
+        "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+    )
+    assert (
+        cli.hugepage_environ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, "madvise", GLIBC) is None
+    )
+    assert cli.hugepage_environ({cli.HUGEPAGES_ENV: "0"}, "madvise", GLIBC) is None
+    for mode in ("always", "never", None):  # huge already, or none to be had
+        assert cli.hugepage_environ({}, mode, GLIBC) is None
+    for libc in (("glibc", "2.34"), ("", ""), ("musl", "1.2")):  # no such tunable
+        assert cli.hugepage_environ({}, "madvise", libc) is None
+
+
+def test_thp_mode_reads_the_bracketed_choice(tmp_path):
+    path = tmp_path / "enabled"
+    path.write_text("always [madvise] never\n")
+    assert cli.thp_mode(str(path)) == "madvise"
+    path.write_text("[always] madvise never\n")
+    assert cli.thp_mode(str(path)) == "always"
+    assert cli.thp_mode(str(tmp_path / "missing")) is None
+
+
+@pytest.mark.parametrize("argv0, restarts", [
+    ("/venv/bin/psa-jax", True),
+    (os.path.join(ROOT, "psa_jax", "cli", "__main__.py"), True),
+    ("my_script.py", False),  # a script calling main() is not re-run
+])  # fmt: skip
+def test_the_program_restarts_itself_with_the_tunable(monkeypatch, argv0, restarts):
+    calls = []
+
+    class Restarted(Exception):
+        pass
+
+    def execve(path, args, environ):
+        calls.append((path, args, environ))
+        raise Restarted
+
+    monkeypatch.setattr(os, "execve", execve)
+    monkeypatch.setattr(cli, "thp_mode", lambda: "madvise")
+    monkeypatch.setattr("platform.libc_ver", lambda: GLIBC)
+    monkeypatch.setattr(sys, "argv", [argv0, "info"])
+    monkeypatch.setattr(sys, "orig_argv", [sys.executable, argv0, "info"])
+    for key in ("GLIBC_TUNABLES", cli.HUGEPAGES_ENV):
+        monkeypatch.delenv(key, raising=False)
+    if not restarts:
+        cli._restart_with_hugepages()
+        assert calls == []
+        return
+    with pytest.raises(Restarted):
+        cli.main()
+    path, args, environ = calls[0]
+    assert path == sys.executable and args == [sys.executable, argv0, "info"]
+    assert environ["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+    monkeypatch.setenv("GLIBC_TUNABLES", environ["GLIBC_TUNABLES"])  # the restarted process
+    cli._restart_with_hugepages()
+    assert len(calls) == 1

@@ -233,6 +233,9 @@ def _document(opts, shape, batch, dtype, jdev, tdev, peak, flops, rows) -> dict[
             "torch_device": tdev,
             "device_name": _device_name(jdev, tdev),
             "torch_threads": torch.get_num_threads(),
+            # glibc's malloc settings (the psa-jax program asks for huge pages): every
+            # contestant in this process allocates through them.
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
         },
         "versions": {"jax": jax.__version__, "torch": torch.__version__},
         "peak_tflops": peak,
