@@ -4,11 +4,13 @@ named errors."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from psa_jax import cli
@@ -138,3 +140,53 @@ def test_the_program_restarts_itself_with_the_tunable(monkeypatch, argv0, restar
     monkeypatch.setenv("GLIBC_TUNABLES", environ["GLIBC_TUNABLES"])  # the restarted process
     cli._restart_with_hugepages()
     assert len(calls) == 1
+
+
+def test_sample_eval_and_spqr_split_the_cpu_like_the_demo():
+    for command in (
+        ["sample", "--out", "x"],
+        ["eval", "--out", "x"],
+        ["spqr", "--out", "x", "--profile", "lite"],
+    ):
+        args = cli.build_parser().parse_args(command)
+        assert args.cpu_devices == math.gcd(cli.cores(), 8)
+
+
+def test_the_program_samples_over_its_cpu_devices(tmp_path):
+    """``psa-jax sample`` on 2 CPU devices splits each chunk over both (as many devices as
+    divide the chunk); the images are one device's to within 1/255."""
+    from psa_jax.sample.images import load_png
+
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+    env.update(PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", PSA_JAX_COMPILATION_CACHE="0")
+    said = {}
+    for devices in ("1", "2"):
+        cmd = [sys.executable, "-m", "psa_jax.cli", "sample", "--pretrained", "packaged:tiny-base",
+               "--users", "base", "--prompt", "a tent", "--prompt", "a knife", "--steps", "3",
+               "--batch-size", "2", "--out", str(tmp_path / devices)]  # fmt: skip
+        proc = subprocess.run(cmd, env={**env, cli.CPU_DEVICES_ENV: devices}, cwd=ROOT,
+                              capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        said[devices] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert said["1"]["devices"] == 1 and said["2"]["devices"] == 2
+    assert said["1"]["images"] == said["2"]["images"] == 2
+    with open(tmp_path / "1" / "samples.jsonl", encoding="utf-8") as f:
+        files = [json.loads(line)["file"] for line in f]
+    for name in files:
+        a = load_png(tmp_path / "1" / name).astype(int)
+        b = load_png(tmp_path / "2" / name).astype(int)
+        assert np.abs(a - b).max() <= 1
+
+
+def test_sampling_mesh_uses_the_devices_that_divide_the_chunk():
+    code = (
+        "import jax; jax.config.update('jax_num_cpu_devices', 8); "
+        "from psa_jax.cli import sampling_mesh; "
+        "print('MESH', sampling_mesh(8).size, sampling_mesh(6).size, sampling_mesh(1))"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+    env.update(PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "MESH 8 2 None" in proc.stdout

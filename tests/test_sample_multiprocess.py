@@ -48,7 +48,10 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_two_processes_write_every_image_exactly_once(tmp_path):
-    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", PSA_JAX_COMPILATION_CACHE="0")
+    # One CPU device in the one-process run too: the same program as each of the two runs
+    # (a chunk split over devices may differ by 1/255 in a few pixels).
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", PSA_JAX_COMPILATION_CACHE="0",
+               PSA_JAX_CPU_DEVICES="1")  # fmt: skip
     common = ["--pretrained", "packaged:tiny-base", "--users", "base", "--steps", "3",
               "--batch-size", "2"]  # fmt: skip
     for p in PROMPTS:

@@ -30,11 +30,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 from typing import Any
 
 import jax
 
+from psa_jax.cli import cores, sampling_mesh
 from psa_jax.cli.train import add_distributed_flags, init_distributed
 from psa_jax.core import paths
 from psa_jax.core.checkpoint import require_run
@@ -151,13 +153,15 @@ def _sample_cmd(args: argparse.Namespace) -> int:
     settings.update(user_scale=args.user_scale, batch_size=args.batch_size)
     if jax.process_count() > 1:
         return _sample_sharded(args, rows, plan, pipeline, settings)
+    pipeline.mesh = sampling_mesh(args.batch_size)  # chunks split over this host's devices
     # Into <out>.partial-<pid>, renamed to --out once complete: never a half-written --out.
     with atomic_folder(args.out) as tmp:
         records = sample_to_folder(pipeline, plan, tmp, **settings)
         _write_records(tmp, records, args.preset)
         grid = write_grid(plan, rows, tmp) if args.users else None
     grid = os.path.join(args.out, os.path.basename(grid)) if grid else None
-    print(json.dumps({"images": len(records), "out": args.out, "grid": grid}))
+    devices = 1 if pipeline.mesh is None else pipeline.mesh.size
+    print(json.dumps({"images": len(records), "out": args.out, "grid": grid, "devices": devices}))
     return 0
 
 
@@ -237,4 +241,4 @@ def register(subparsers: Any) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--limit", type=int, help="only the first N prompts")
     add_distributed_flags(p, "each process draws every N-th image; process 0 merges them")
-    p.set_defaults(func=_sample_cmd)
+    p.set_defaults(func=_sample_cmd, cpu_devices=math.gcd(cores(), 8))  # 8: the default chunk
