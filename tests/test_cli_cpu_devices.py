@@ -82,7 +82,8 @@ GLIBC = ("glibc", "2.36")
 
 def test_hugepage_environ_adds_the_tunable_only_where_it_helps():
     new = cli.hugepage_environ({"A": "1"}, "madvise", GLIBC)
-    assert new == {"A": "1", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+    assert new == {"A": "1", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1", cli._RESTARTED_ENV: "1"}
+    assert cli.hugepage_environ({cli._RESTARTED_ENV: "1"}, "madvise", GLIBC) is None  # once
     kept = {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}
     assert cli.hugepage_environ(kept, "madvise", GLIBC)["GLIBC_TUNABLES"] == (
         "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
@@ -126,7 +127,7 @@ def test_the_program_restarts_itself_with_the_tunable(monkeypatch, argv0, restar
     monkeypatch.setattr("platform.libc_ver", lambda: GLIBC)
     monkeypatch.setattr(sys, "argv", [argv0, "info"])
     monkeypatch.setattr(sys, "orig_argv", [sys.executable, argv0, "info"])
-    for key in ("GLIBC_TUNABLES", cli.HUGEPAGES_ENV):
+    for key in ("GLIBC_TUNABLES", cli.HUGEPAGES_ENV, cli._RESTARTED_ENV):
         monkeypatch.delenv(key, raising=False)
     if not restarts:
         cli._restart_with_hugepages()
@@ -137,7 +138,10 @@ def test_the_program_restarts_itself_with_the_tunable(monkeypatch, argv0, restar
     path, args, environ = calls[0]
     assert path == sys.executable and args == [sys.executable, argv0, "info"]
     assert environ["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
-    monkeypatch.setenv("GLIBC_TUNABLES", environ["GLIBC_TUNABLES"])  # the restarted process
+    for key in ("GLIBC_TUNABLES", cli._RESTARTED_ENV):  # the restarted process
+        monkeypatch.setenv(key, environ[key])
+    cli._restart_with_hugepages()
+    monkeypatch.setenv("GLIBC_TUNABLES", "")  # even if something dropped the tunable
     cli._restart_with_hugepages()
     assert len(calls) == 1
 

@@ -143,6 +143,9 @@ def _split_cpu(count: int | None) -> None:
 
 HUGEPAGES_ENV = "PSA_JAX_HUGEPAGES"
 _HUGETLB = "glibc.malloc.hugetlb"
+# Set in the restarted program (and so in every process it starts): never a second restart,
+# even where something rewrote GLIBC_TUNABLES on the way.
+_RESTARTED_ENV = "PSA_JAX_HUGEPAGES_RESTARTED"
 THP_ENABLED_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
@@ -173,6 +176,8 @@ def hugepage_environ(
     turns it off; a ``GLIBC_TUNABLES`` that already names it is the user's and is kept."""
     if environ.get(HUGEPAGES_ENV, "").strip().lower() in _OFF or mode != "madvise":
         return None
+    if environ.get(_RESTARTED_ENV):
+        return None
     name, version = libc
     try:
         new_enough = name == "glibc" and tuple(map(int, version.split(".")[:2])) >= (2, 35)
@@ -181,7 +186,8 @@ def hugepage_environ(
     tunables = environ.get("GLIBC_TUNABLES", "")
     if not new_enough or _HUGETLB in tunables:
         return None
-    return {**environ, "GLIBC_TUNABLES": ":".join(filter(None, [tunables, f"{_HUGETLB}=1"]))}
+    tunables = ":".join(filter(None, [tunables, f"{_HUGETLB}=1"]))
+    return {**environ, "GLIBC_TUNABLES": tunables, _RESTARTED_ENV: "1"}
 
 
 def _started_as_program() -> bool:
