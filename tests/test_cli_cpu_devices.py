@@ -185,7 +185,7 @@ def test_the_program_samples_over_its_cpu_devices(tmp_path):
 def test_sampling_mesh_uses_the_devices_that_divide_the_chunk():
     code = (
         "import jax; jax.config.update('jax_num_cpu_devices', 8); "
-        "from psa_jax.cli import sampling_mesh; "
+        "from psa_jax.core.parallel import sampling_mesh; "
         "print('MESH', sampling_mesh(8).size, sampling_mesh(6).size, sampling_mesh(1))"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}

@@ -14,7 +14,6 @@ import json
 import math
 import os
 import sys
-from typing import Any
 
 from psa_jax.core.errors import EXIT_BAD_INPUT, PsaJaxError
 
@@ -120,18 +119,10 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
-def sampling_mesh(batch_size: int) -> Any:
-    """The mesh a one-process command's sampling splits its chunks of ``batch_size`` over:
-    this process's devices, as many as divide the chunk; None with one (or many processes:
-    they split the plan among themselves instead)."""
-    import jax
-
-    from psa_jax.core import parallel
-
-    if jax.process_count() > 1:
-        return None
-    devices = jax.local_devices()
-    return parallel.local_data_mesh(devices[: math.gcd(len(devices), batch_size)])
+def per_core_devices(chunk: int = 8) -> int:
+    """A sampling command's CPU split: one device per core, as many as divide its default
+    chunk (``chunk`` images or pairs) so that every device gets an equal share."""
+    return math.gcd(cores(), chunk)
 
 
 def _split_cpu(count: int | None) -> None:
@@ -230,8 +221,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if argv is None:  # before the command starts JAX
+            from psa_jax.cli.train import multi_process
+
             default = getattr(args, "cpu_devices", None)
-            if getattr(args, "distributed", False) or getattr(args, "coordinator_address", None):
+            if multi_process(args):
                 default = None  # many processes split the work among themselves instead
             _split_cpu(cpu_devices(default))
         if getattr(args, "accepts_extra", False):  # train: --config.KEY=VALUE overrides

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from typing import Any
 
-from psa_jax.cli import cores
+from psa_jax.cli import per_core_devices
 from psa_jax.demo.logs import quiet_library_noise
 from psa_jax.demo.run import DemoError, DemoSettings, run_demo
 from psa_jax.models.packaged import PackagedModelError
@@ -81,4 +80,4 @@ def register(subparsers: Any) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     # One CPU device per core, up to the DPO batch of 8 (a divisor of every demo batch): the
     # psa-jax program splits the host before JAX starts ($PSA_JAX_CPU_DEVICES overrides).
-    p.set_defaults(func=_demo, cpu_devices=math.gcd(cores(), 8))
+    p.set_defaults(func=_demo, cpu_devices=per_core_devices())

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from typing import Any
 
 import jax
 
-from psa_jax.cli import cores, sampling_mesh
+from psa_jax.cli import per_core_devices
 from psa_jax.cli.train import add_distributed_flags, init_distributed
 from psa_jax.core import parallel, paths
 from psa_jax.core.checkpoint import RunNotFoundError, require_run
@@ -85,7 +84,7 @@ def _model(args: argparse.Namespace) -> Any:
         embeddings=args.embeddings,
         users_csv=args.users_csv,
     )
-    model.pipeline.mesh = sampling_mesh(args.batch_size)  # chunks split over this host's devices
+    model.pipeline.mesh = parallel.sampling_mesh(args.batch_size)  # chunks over this host's devices
     return model
 
 
@@ -199,7 +198,7 @@ def register(subparsers: Any) -> None:
     ev.add_argument("--pretrained", help="a local diffusers pipeline folder (with --adapter)")
     ev.add_argument("--users", help="user ids crossed with every prompt (else levels / rows)")
     add_distributed_flags(ev, "each process draws a share of the images, process 0 scores")
-    ev.set_defaults(func=lambda a: _guard("eval", _eval, a), cpu_devices=math.gcd(cores(), 8))
+    ev.set_defaults(func=lambda a: _guard("eval", _eval, a), cpu_devices=per_core_devices())
     sp = subparsers.add_parser("spqr", help="SPQR before/after a benign fine-tune, per level")
     _common(sp)
     sp.add_argument("--profile", required=True, choices=sorted(PROFILES))
@@ -210,4 +209,4 @@ def register(subparsers: Any) -> None:
     sp.add_argument("--finetune-steps", type=int, help="fine-tune steps (default 200)")
     sp.add_argument("--finetune-seed", type=int, help="fine-tune seed (default 42, SPQR's)")
     sp.set_defaults(func=lambda a: _guard("spqr", _spqr, a), pretrained=None, users=None,
-                    cpu_devices=math.gcd(cores(), 8))  # fmt: skip
+                    cpu_devices=per_core_devices())  # fmt: skip

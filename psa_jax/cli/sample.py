@@ -30,15 +30,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 from typing import Any
 
 import jax
 
-from psa_jax.cli import cores, sampling_mesh
+from psa_jax.cli import per_core_devices
 from psa_jax.cli.train import add_distributed_flags, init_distributed
-from psa_jax.core import paths
+from psa_jax.core import parallel, paths
 from psa_jax.core.checkpoint import require_run
 from psa_jax.core.outputs import atomic_folder, check_folder_out
 from psa_jax.data.embed import load_embeddings
@@ -153,7 +152,7 @@ def _sample_cmd(args: argparse.Namespace) -> int:
     settings.update(user_scale=args.user_scale, batch_size=args.batch_size)
     if jax.process_count() > 1:
         return _sample_sharded(args, rows, plan, pipeline, settings)
-    pipeline.mesh = sampling_mesh(args.batch_size)  # chunks split over this host's devices
+    pipeline.mesh = parallel.sampling_mesh(args.batch_size)  # chunks over this host's devices
     # Into <out>.partial-<pid>, renamed to --out once complete: never a half-written --out.
     with atomic_folder(args.out) as tmp:
         records = sample_to_folder(pipeline, plan, tmp, **settings)
@@ -175,7 +174,6 @@ def _sample_sharded(args, rows, plan, pipeline, settings) -> int:
     """Many processes (``--distributed`` or the coordinator flags): each draws every
     ``process_count``-th image into its shard folder; process 0 then merges the shards into
     ``--out`` (written atomically like a one-process run) and the others wait for it."""
-    from psa_jax.core import parallel
     from psa_jax.sample.images import load_png
 
     index, count = jax.process_index(), jax.process_count()
@@ -241,4 +239,4 @@ def register(subparsers: Any) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--limit", type=int, help="only the first N prompts")
     add_distributed_flags(p, "each process draws every N-th image; process 0 merges them")
-    p.set_defaults(func=_sample_cmd, cpu_devices=math.gcd(cores(), 8))  # 8: the default chunk
+    p.set_defaults(func=_sample_cmd, cpu_devices=per_core_devices())

@@ -31,10 +31,15 @@ def config_overrides(extra: list[str]) -> list[str]:
     return out
 
 
+def multi_process(args: Any) -> bool:
+    """Whether the command's flags (:func:`add_distributed_flags`) ask for many processes."""
+    return bool(getattr(args, "coordinator_address", None) or getattr(args, "distributed", False))
+
+
 def init_distributed(args: Any) -> None:
     """Multi-host: explicit coordinator flags, or ``--distributed`` for auto-detection
     (TPU pods, SLURM, ...). On CPU the collectives go through gloo."""
-    if not (args.coordinator_address or args.distributed):
+    if not multi_process(args):
         return
     # Must not touch the backend before initialize(); gloo only matters for CPU devices.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")

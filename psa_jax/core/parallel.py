@@ -72,6 +72,16 @@ def local_data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh | None:
     return Mesh(np.asarray(devices, dtype=object).reshape(len(devices), 1, 1), MESH_AXES)
 
 
+def sampling_mesh(batch_size: int) -> Mesh | None:
+    """The mesh one process's sampling splits its chunks of ``batch_size`` over: this
+    process's devices, as many as divide the chunk (:func:`local_data_mesh`); None with one
+    device, or with many processes (they split the plan among themselves instead)."""
+    if jax.process_count() > 1:
+        return None
+    devices = jax.local_devices()
+    return local_data_mesh(devices[: math.gcd(len(devices), batch_size)])
+
+
 def logical_rules(mesh_config: Any) -> tuple[tuple[str, Any], ...]:
     """``config.mesh.logical_axis_rules`` as the tuple Flax's partitioning helpers take."""
     rules = []
