@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 from psa_jax import cli
-from psa_jax.bench import SHAPE_NAMES, flops
+from psa_jax.bench import SHAPE_NAMES, flops, measure
 from psa_jax.bench.jax_train import base_models, synthetic_batch
 from psa_jax.bench.report import SAMPLE_FIELDS, TRAIN_FIELDS
 from psa_jax.bench.shapes import SHAPES, random_params, resolve
@@ -40,6 +41,7 @@ def _check_rows(doc, printed, fields, unit):
         assert r["first_call_s"] > 0 and r["model_flops_per_step"] > 0
         assert re.fullmatch(r"\d+\.\d\dx", r["psa_jax_ratio"]), r["psa_jax_ratio"]
         assert r["peak_memory_bytes"] is not None or r["rss_peak_delta_bytes"] is not None
+        assert r["rss_peak_method"] in ("VmHWM", "sampled every 5 ms")
         assert r["mfu"] is None  # a CPU without --peak-tflops
         assert f"| {r['contestant']} |" in printed
     ours = next(r for r in rows if r["contestant"] == "psa_jax")
@@ -209,3 +211,35 @@ def test_a_contestant_that_fails_is_a_row_saying_why():
     report.add_ratios(rows)
     assert row["psa_jax_ratio"] is None
     assert "| torch-psalign | tiny | train | 2 | float32 | failed |" in report.table([row])
+
+
+@pytest.mark.parametrize("kernel_mark", [True, False])
+def test_peak_rss_sees_a_freed_allocation(monkeypatch, kernel_mark):
+    """The peak counts memory held only briefly inside the block, and not a larger peak from
+    before it, whether it comes from the kernel's high-water mark (reset at entry) or (where
+    that cannot be reset) from the sampling thread."""
+    if measure._rss_bytes() is None:
+        pytest.skip("no /proc/self/statm on this OS")
+    if not kernel_mark:
+        monkeypatch.setattr(measure, "_reset_hwm", lambda: False)
+    size = 64 << 20
+    earlier = np.ones(4 * size, np.uint8)  # a higher peak before the block
+    del earlier
+    with measure.PeakRss() as rss:
+        block = np.ones(size, np.uint8)  # touched: resident
+        time.sleep(0.05)  # long enough for the sampler's 5 ms period
+        del block
+    assert rss.method == ("VmHWM" if kernel_mark else "sampled every 5 ms")
+    assert 0.9 * size <= rss.peak_delta < 2 * size
+
+
+def test_xla_flops_count_every_device_of_an_spmd_step():
+    """A partitioned program's cost analysis is one device's share (the tiny step on 2 CPU
+    devices: 5.2 of 10.4 GFLOP); the row reports the whole step."""
+
+    class Compiled:
+        def cost_analysis(self):
+            return [{"flops": 5.0e9}]
+
+    assert measure.xla_flops(Compiled()) == 5.0e9
+    assert measure.xla_flops(Compiled(), devices=2) == 1.0e10

@@ -156,6 +156,23 @@ def test_sample_eval_and_spqr_split_the_cpu_like_the_demo():
         assert args.cpu_devices == math.gcd(cli.cores(), 8)
 
 
+@pytest.mark.parametrize("cores", [2, 4, 6])
+def test_bench_splits_the_cpu_as_its_batch_allows(monkeypatch, cores):
+    """One device per core, as many as divide the step's pairs or images: the tiny train step
+    (8 pairs) and a sampling batch (8 images) split; sd15-256's one pair, or --batch 1, not."""
+    monkeypatch.setattr(cli, "cores", lambda: cores)
+
+    def split(*argv: str) -> int:
+        args = cli.build_parser().parse_args(["bench", *argv])
+        return args.cpu_devices(args)
+
+    assert split("--shape", "tiny") == math.gcd(cores, 8)
+    assert split("--shape", "tiny", "--what", "sample") == math.gcd(cores, 8)
+    assert split("--shape", "tiny", "--batch", "3") == math.gcd(cores, 3)
+    assert split("--shape", "sd15-256") == 1
+    assert split("--shape", "tiny", "--batch", "1") == 1
+
+
 def test_the_program_samples_over_its_cpu_devices(tmp_path):
     """``psa-jax sample`` on 2 CPU devices splits each chunk over both (as many devices as
     divide the chunk); the images are one device's to within 1/255."""

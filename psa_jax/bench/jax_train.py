@@ -112,7 +112,7 @@ def psa_jax_contestant(
         jax.block_until_ready,
         compile_s,
         peak_memory=lambda: jax_peak_memory(compiled, device),
-        flops_xla=xla_flops(compiled),
+        flops_xla=xla_flops(compiled, run.mesh.size),
         info={"notes": notes, "device": device.device_kind},
         close=close,
         loss=lambda: float(holder["metrics"]["loss"]),

@@ -51,7 +51,8 @@ class Contestant:
 class Timing:
     first_call_s: float
     step_s: list[float]
-    rss_peak_delta: int | None  # bytes above the RSS before the build (sampled)
+    rss_peak_delta: int | None  # bytes above the RSS before the build
+    rss_method: str | None = None  # how the peak was taken (:class:`PeakRss`)
 
     @property
     def median_s(self) -> float:
@@ -60,9 +61,9 @@ class Timing:
 
 def time_contestant(build: Callable[[], Contestant], steps: int, warmup: int):
     """Build, first call, ``warmup`` untimed steps, then ``steps`` timed steps, each run to the
-    end. Returns the contestant and its :class:`Timing`; the RSS is sampled from before the
+    end. Returns the contestant and its :class:`Timing`; the peak RSS counts from before the
     build, so the contestant's own weights count (as they do on a GPU)."""
-    with RssSampler() as rss:
+    with PeakRss() as rss:
         c = build()
         t0 = time.perf_counter()
         c.sync(c.first())
@@ -74,7 +75,7 @@ def time_contestant(build: Callable[[], Contestant], steps: int, warmup: int):
             t0 = time.perf_counter()
             c.sync(c.step())
             times.append(time.perf_counter() - t0)
-    return c, Timing(first, times, rss.peak_delta)
+    return c, Timing(first, times, rss.peak_delta, rss.method)
 
 
 def _rss_bytes() -> int | None:
@@ -85,15 +86,42 @@ def _rss_bytes() -> int | None:
         return None
 
 
-class RssSampler:
-    """Peak resident memory above the level at entry, sampled every few milliseconds by a
-    thread: the host-memory figure of a CPU run, the same method for every contestant."""
+def _hwm_bytes() -> int | None:
+    """The kernel's peak RSS of this process (``VmHWM``), None where there is none."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _reset_hwm() -> bool:
+    """Resets ``VmHWM`` to the current RSS (Linux >= 4.0: ``5`` to ``/proc/self/clear_refs``)."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return _hwm_bytes() is not None
+
+
+class PeakRss:
+    """Peak resident memory above the level at entry: the host-memory figure of a CPU run, the
+    same method for every contestant. Where Linux allows it, the kernel's own high-water mark
+    (reset at entry, read at exit): exact, and nothing runs meanwhile. Otherwise a thread
+    samples the RSS every few milliseconds, which can miss a short peak and, on a small CPU,
+    slows what it measures (the tiny DPO step +5% on 2 cores, BENCHMARKS.md). ``method`` says
+    which ran."""
 
     def __init__(self, interval_s: float = 0.005):
         self.interval_s = interval_s
         self.base = self.peak = None
+        self.method: str | None = None
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread: threading.Thread | None = None
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -102,16 +130,25 @@ class RssSampler:
                 self.peak = max(self.peak or now, now)
             self._stop.wait(self.interval_s)
 
-    def __enter__(self) -> RssSampler:
+    def __enter__(self) -> PeakRss:
         self.base = self.peak = _rss_bytes()
-        if self.base is not None:
+        if self.base is None:
+            return self
+        if _reset_hwm():
+            self.method = "VmHWM"
+        else:
+            self.method = f"sampled every {1e3 * self.interval_s:g} ms"
+            self._thread = threading.Thread(target=self._run, daemon=True)
             self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
+        if self._thread is not None:
+            self._stop.set()
             self._thread.join()
+        elif self.method == "VmHWM":
+            hwm = _hwm_bytes()
+            self.peak = max(self.peak, hwm) if hwm is not None else self.peak
 
     @property
     def peak_delta(self) -> int | None:
@@ -145,18 +182,19 @@ def jax_peak_memory(compiled: Any, device: Any) -> tuple[int | None, str]:
         + m.temp_size_in_bytes
         - m.alias_size_in_bytes
     )
-    return int(total), "compiled memory_analysis (args+out+temp-alias)"
+    return int(total), "compiled memory_analysis (args+out+temp-alias, one device)"
 
 
-def xla_flops(compiled: Any) -> float | None:
-    """``flops`` of the compiled computation's cost analysis (a dict, or a list of one)."""
+def xla_flops(compiled: Any, devices: int = 1) -> float | None:
+    """``flops`` of the compiled computation's cost analysis (a dict, or a list of one) over
+    its ``devices``: an SPMD program's analysis counts one device's share."""
     try:
         cost = compiled.cost_analysis()
     except Exception:  # some backends do not implement it
         return None
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else None
-    return float(cost["flops"]) if cost and "flops" in cost else None
+    return devices * float(cost["flops"]) if cost and "flops" in cost else None
 
 
 def torch_peak_memory(device: str) -> tuple[int | None, str]:

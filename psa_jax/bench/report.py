@@ -21,6 +21,7 @@ TAIL = (
     "peak_memory_bytes",
     "peak_memory_source",
     "rss_peak_delta_bytes",
+    "rss_peak_method",
     "model_flops_per_step",
     "extra_flops_per_step",
     "xla_flops_per_step",
@@ -71,6 +72,7 @@ def row(
         "peak_memory_bytes": mem,
         "peak_memory_source": source,
         "rss_peak_delta_bytes": t.rss_peak_delta,
+        "rss_peak_method": t.rss_method,
         "model_flops_per_step": flops["model"],
         "extra_flops_per_step": extra,
         "xla_flops_per_step": c.flops_xla,
@@ -168,7 +170,8 @@ def table(rows: list[dict[str, Any]]) -> str:
             flops += f", + {r['extra_flops_per_step'] / 1e9:.4g} VAE/text (not in MFU)"
         lines.append(
             f"- {r['contestant']}: {r['notes']}; {flops}; memory: {r['peak_memory_source']}, "
-            f"host RSS +{_bytes(r['rss_peak_delta_bytes'])} from build; "
+            f"host RSS +{_bytes(r['rss_peak_delta_bytes'])} from build "
+            f"({r['rss_peak_method'] or 'n/a'}); "
             f"loss {_num(r['loss'], '.4g')}"
         )
     return "\n".join(lines)

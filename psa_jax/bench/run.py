@@ -19,7 +19,7 @@ from typing import Any
 from psa_jax.bench import CONTESTANTS, WHATS, report
 from psa_jax.bench import flops as flops_lib
 from psa_jax.bench.measure import Contestant, peak_tflops, time_contestant
-from psa_jax.bench.shapes import BenchShape, resolve
+from psa_jax.bench.shapes import SAMPLE_BATCH, BenchShape, resolve
 
 
 @dataclasses.dataclass
@@ -67,7 +67,7 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = print) -> dict[st
 
         torch.set_num_threads(int(opts.torch_threads))
     dtype = opts.dtype or ("bfloat16" if tdev.startswith("cuda") else "float32")
-    batch = opts.batch or (8 if opts.what == "sample" else None)
+    batch = opts.batch or (SAMPLE_BATCH if opts.what == "sample" else None)
     shape = resolve(
         opts.shape,
         batch=batch,
@@ -91,7 +91,7 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = print) -> dict[st
     if opts.what == "sample":
         tmp.cleanup()
     report.add_ratios(rows)
-    return _document(opts, shape, batch, dtype, jdevs[0], tdev, peak, flops, rows)
+    return _document(opts, shape, batch, dtype, jdevs, tdev, peak, flops, rows)
 
 
 def _run_one(
@@ -206,10 +206,11 @@ def _device_name(jdev: Any, tdev: str) -> str:
     return str(getattr(jdev, "device_kind", "cpu"))
 
 
-def _document(opts, shape, batch, dtype, jdev, tdev, peak, flops, rows) -> dict[str, Any]:
+def _document(opts, shape, batch, dtype, jdevs, tdev, peak, flops, rows) -> dict[str, Any]:
     import jax
     import torch
 
+    jdev = jdevs[0]
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "shape": opts.shape,
@@ -229,6 +230,7 @@ def _document(opts, shape, batch, dtype, jdev, tdev, peak, flops, rows) -> dict[
             "processor": platform.processor(),
             "cpu_count": os.cpu_count(),
             "jax_device": str(jdev),
+            "jax_devices": len(jdevs),  # psa_jax's mesh (a CPU split into one per core)
             "jax_device_kind": getattr(jdev, "device_kind", None),
             "torch_device": tdev,
             "device_name": _device_name(jdev, tdev),

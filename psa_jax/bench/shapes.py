@@ -114,6 +114,8 @@ class ShapeSpec:
     remat: str | None = None  # None: the config's model.remat_policy
 
 
+SAMPLE_BATCH = 8  # images per sampling batch unless --batch says otherwise
+
 SHAPES: dict[str, ShapeSpec] = {
     "tiny": ShapeSpec("tiny.py", 32),
     "sd15-256": ShapeSpec("sd15.py", 256, batch=1, vae=SD_VAE, text_encoders=(CLIP_L,)),

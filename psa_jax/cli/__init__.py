@@ -224,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
             from psa_jax.cli.train import multi_process
 
             default = getattr(args, "cpu_devices", None)
+            if callable(default):  # a split that depends on the command's flags (bench)
+                default = default(args)
             if multi_process(args):
                 default = None  # many processes split the work among themselves instead
             _split_cpu(cpu_devices(default))

@@ -14,8 +14,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 from typing import Any
+
+
+def cpu_split(args: argparse.Namespace) -> int:
+    """The bench's CPU split (:func:`psa_jax.cli.cpu_devices`' default): one JAX device per
+    core, as many as divide the step's pairs (train) or images (sample), so psa_jax uses a
+    CPU's cores as ``PSA_JAX_CPU_DEVICES=N psa-jax train`` does and torch does by its threads.
+    Batch 1 (sd15-256) stays on one device. Accelerator devices are unaffected."""
+    from psa_jax.bench.shapes import SAMPLE_BATCH, resolve
+    from psa_jax.cli import cores
+
+    batch = args.batch or (SAMPLE_BATCH if args.what == "sample" else None)
+    if batch is None:
+        batch = int(resolve(args.shape, configs=args.config_dir).config.train.batch_size)
+    return math.gcd(cores(), batch)
 
 
 def _bench_cmd(args: argparse.Namespace) -> int:
@@ -53,7 +68,8 @@ def _bench_cmd(args: argparse.Namespace) -> int:
     m = doc["machine"]
     print(
         f"\npsa-jax bench --shape {doc['shape']} --what {doc['what']}: batch {doc['batch']}, "
-        f"{doc['dtype']}, {m['device_name']} ({m['cpu_count']} CPUs), peak "
+        f"{doc['dtype']}, {m['device_name']} ({m['cpu_count']} CPUs, {m['jax_devices']} JAX "
+        f"devices), peak "
         f"{doc['peak_tflops'] or 'n/a'} TFLOP/s, median of {doc['steps']} steps, "
         f"torch threads {m['torch_threads']}, GLIBC_TUNABLES {m['glibc_tunables'] or 'unset'}"
     )
@@ -118,4 +134,4 @@ def register(subparsers: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--config-dir", help="the configs/ folder (default: ./configs)")
     p.add_argument("--json", help="also write the results as JSON to this path")
-    p.set_defaults(func=_bench_cmd)
+    p.set_defaults(func=_bench_cmd, cpu_devices=cpu_split)
