@@ -69,7 +69,7 @@ def _bench_cmd(args: argparse.Namespace) -> int:
     print(
         f"\npsa-jax bench --shape {doc['shape']} --what {doc['what']}: batch {doc['batch']}, "
         f"{doc['dtype']}, {m['device_name']} ({m['cpu_count']} CPUs, {m['jax_devices']} JAX "
-        f"devices), peak "
+        f"device{'s' * (m['jax_devices'] != 1)}), peak "
         f"{doc['peak_tflops'] or 'n/a'} TFLOP/s, median of {doc['steps']} steps, "
         f"torch threads {m['torch_threads']}, GLIBC_TUNABLES {m['glibc_tunables'] or 'unset'}"
     )
