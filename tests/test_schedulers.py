@@ -32,9 +32,12 @@ SHAPE = (2, 4, 8, 8)
 # Same-input steps differ from diffusers by a few float32 ulps: torch's CPU sqrt/log/exp are not
 # correctly rounded (ours are), and XLA contracts a*b+c into FMAs. A free-running loop
 # accumulates that, like any two float32 implementations: over 25 steps up to ~1.3e-6 here,
-# where diffusers' own float32 trajectory is ~5e-7 away from the same math in float64.
-STEP_TOL = 1e-6
-LOOP_TOL = 2e-6
+# where diffusers' own float32 trajectory is ~5e-7 away from the same math in float64. PNDM's
+# first v-prediction step over 3 linspace steps cancels more: ours and diffusers' are each
+# 2.4e-6 / 2.8e-6 from its float64 value and 1.7e-6 from each other on an AVX-512 CPU (under
+# 1e-6 on another), so a step may differ by 4e-6; both are well inside the 1e-5 model standard.
+STEP_TOL = 4e-6
+LOOP_TOL = 4e-6
 SD15_CONFIG = SD15_SCHEDULER_CONFIG
 
 
