@@ -120,8 +120,9 @@ def cores() -> int:
 
 
 def per_core_devices(chunk: int = 8) -> int:
-    """A sampling command's CPU split: one device per core, as many as divide its default
-    chunk (``chunk`` images or pairs) so that every device gets an equal share."""
+    """A command's CPU split: one device per core, as many as divide its chunk (``chunk``
+    images or pairs: sampling's default 8, the bench's step) so every device gets an equal
+    share."""
     return math.gcd(cores(), chunk)
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 from typing import Any
 
@@ -25,12 +24,12 @@ def cpu_split(args: argparse.Namespace) -> int:
     CPU's cores as ``PSA_JAX_CPU_DEVICES=N psa-jax train`` does and torch does by its threads.
     Batch 1 (sd15-256) stays on one device. Accelerator devices are unaffected."""
     from psa_jax.bench.shapes import SAMPLE_BATCH, resolve
-    from psa_jax.cli import cores
+    from psa_jax.cli import per_core_devices
 
     batch = args.batch or (SAMPLE_BATCH if args.what == "sample" else None)
     if batch is None:
         batch = int(resolve(args.shape, configs=args.config_dir).config.train.batch_size)
-    return math.gcd(cores(), batch)
+    return per_core_devices(batch)
 
 
 def _bench_cmd(args: argparse.Namespace) -> int:
