@@ -74,3 +74,28 @@ def test_slurm_dry_run_prints_the_sbatch_layout_and_the_srun_line(per, layout):
                              "--workdir /shared/runs/b")  # fmt: skip
     assert lines[1] == ("+ srun --kill-on-bad-exit=1 psa-jax train --distributed --config "
                         "configs/sd15.py --workdir /shared/runs/b")  # fmt: skip
+
+
+def _gpu_rows(out, *argv: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "bench/gpu_rows.sh", str(out), *argv], capture_output=True,
+                          text=True, cwd=REPO, env={**os.environ, **env}, timeout=120)  # fmt: skip
+
+
+def test_gpu_rows_refuses_an_unknown_row_before_anything_runs(tmp_path):
+    done = _gpu_rows(tmp_path / "out", "--tiny", env={"ROWS": "train_xla sdxl"})
+    assert done.returncode == 2 and "unknown row sdxl" in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_gpu_rows_preflight_stops_before_any_row_when_the_bench_cannot_import(tmp_path):
+    """A Python without psa_jax's dependencies (here: one whose ``import jax`` fails) stops the
+    run at the preflight with the import error, and no row is started (device time is spent on
+    rows only when they can run)."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "jax.py").write_text("raise ImportError('no jax in this environment')\n")
+    out = tmp_path / "out"
+    done = _gpu_rows(out, "--tiny", env={"PYTHONPATH": str(fake), "ROWS": "train_xla"})
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "no jax in this environment" in done.stderr
+    assert "== train_xla" not in done.stdout and list(out.iterdir()) == []
