@@ -1,5 +1,6 @@
-"""launch/ (and bench/'s GPU script): the cluster scripts parse (bash -n), pass shellcheck, and
-print in --dry-run exactly the commands they would run."""
+"""launch/ (and bench/'s GPU scripts): the cluster scripts parse (bash -n), pass shellcheck, and
+print in --dry-run exactly the commands they would run; bench/gpu_rows.sh stops before any row
+on a bad row name or a failed preflight."""
 
 from __future__ import annotations
 
