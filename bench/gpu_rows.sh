@@ -56,7 +56,6 @@ if sys.argv[1] == "gpu" and jax.default_backend() != "gpu":
     sys.exit(f"JAX's backend is {jax.default_backend()!r}, not gpu: no rows run")
 PY
 
-
 row() {
   local name=$1 left
   shift
