@@ -5,6 +5,7 @@
 #
 #   bench/gpu_wheels.sh [DEST] [PYTHON_VERSION]
 #
+# DEST's old wheels are removed first (two versions of one package stop gpu_rows.sh's install).
 # A package published only as source (promise) is built here into a pure-Python wheel; one that
 # needs compiling fails by name. Run from the repository root with the project's venv active.
 set -euo pipefail
@@ -13,6 +14,7 @@ pyver=${2:-3.12}
 py=${PYTHON:-python3}
 here=$(cd "$(dirname "$0")" && pwd)
 mkdir -p "$dest"
+rm -f "$dest"/*.whl
 platforms=()
 for p in manylinux_2_28 manylinux_2_27 manylinux_2_24 manylinux_2_17 manylinux2014 manylinux1; do
   platforms+=(--platform "${p}_x86_64")
