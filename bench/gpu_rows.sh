@@ -92,8 +92,8 @@ run_row() {
       train_xla) row train_xla --shape sd15 --what train --steps 5 --attention xla ;;
       train_auto) row train_auto --shape sd15 --what train --steps 5 --attention auto \
         --contestants psa_jax ;;
-      sample) row sample --shape sd15 --what sample --steps 2 --attention auto ;;
-      sdxl_train) row sdxl_train --shape sdxl --what train --steps 3 --attention auto ;;
+      sample) row sample --shape sd15 --what sample --steps 5 --attention auto ;;
+      sdxl_train) row sdxl_train --shape sdxl --what train --steps 5 --attention auto ;;
     esac
   fi
 }
