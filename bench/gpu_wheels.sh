@@ -16,7 +16,10 @@ here=$(cd "$(dirname "$0")" && pwd)
 mkdir -p "$dest"
 rm -f "$dest"/*.whl
 platforms=()
-for p in manylinux_2_28 manylinux_2_27 manylinux_2_24 manylinux_2_17 manylinux2014 manylinux1; do
+# pip matches each platform tag exactly: name every manylinux tag a wheel here might carry (the
+# image's glibc is not recorded; its Python is 3.12.3).
+for p in manylinux_2_39 manylinux_2_35 manylinux_2_34 manylinux_2_31 manylinux_2_28 manylinux_2_27 \
+  manylinux_2_24 manylinux_2_17 manylinux2014 manylinux1; do
   platforms+=(--platform "${p}_x86_64")
 done
 failed=()
