@@ -79,6 +79,37 @@ def test_bench_train_runs_the_sdxl_code_paths(tmp_path, capsys):
     assert all(math.isfinite(r["loss"]) for r in rows)
 
 
+def test_bench_json_is_written_after_each_contestant(tmp_path, monkeypatch, capsys):
+    """With --json the file holds the finished contestants (``complete`` False) while the next
+    one runs, so a GPU row killed at the device call's limit keeps them; the end rewrites it
+    whole (``complete`` True). Contestants are stubbed: this checks the writing, not timing."""
+    from psa_jax.bench import report, run
+
+    out = tmp_path / "rows" / "bench.json"
+    seen = []
+
+    def stub(name, build, opts, tdev, meta, flops, peak, log):
+        seen.append(json.loads(out.read_text()) if out.exists() else None)
+        row = report.failed_row(name, "stub", flops, **meta)
+        row["pairs_per_s"] = {"psa_jax": 3.0, "torch-psalign": 1.5, "torch-fair": 2.0}[name]
+        return row
+
+    monkeypatch.setattr(run, "_run_one", stub)
+    argv = ["bench", "--shape", "tiny", "--what", "train", "--json", str(out), "--contestants",
+            "psa_jax", "torch-psalign", "torch-fair"]  # fmt: skip
+    assert cli.main(argv) == 0
+    assert seen[0] is None  # nothing before the first contestant finished
+    assert [[r["contestant"] for r in d["results"]] for d in seen[1:]] == [
+        ["psa_jax"], ["psa_jax", "torch-psalign"]]  # fmt: skip
+    assert [d["complete"] for d in seen[1:]] == [False, False]
+    assert seen[2]["results"][1]["psa_jax_ratio"] == "2.00x"
+    final = json.loads(out.read_text())
+    assert final["complete"] is True and len(final["results"]) == 3
+    assert final["results"][2]["psa_jax_ratio"] == "1.50x"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["bench.json"]  # no temporary left
+    assert "| torch-fair |" in capsys.readouterr().out
+
+
 def test_every_shape_resolves():
     assert set(SHAPE_NAMES) == set(SHAPES)
     for name in SHAPE_NAMES:

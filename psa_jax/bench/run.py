@@ -57,8 +57,14 @@ def devices(opts: BenchOptions) -> tuple[list, str]:
     )
 
 
-def run_bench(opts: BenchOptions, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """The JSON document: environment, settings, analytic FLOPs and one row per contestant."""
+def run_bench(
+    opts: BenchOptions,
+    log: Callable[[str], None] = print,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """The JSON document: environment, settings, analytic FLOPs and one row per contestant,
+    ``complete`` True. ``progress`` gets the document so far (``complete`` False) after each
+    contestant but the last, so a run killed at its time limit keeps the rows it finished."""
     if opts.what not in WHATS:
         raise ValueError(f"--what must be one of {WHATS}, got {opts.what!r}")
     jdevs, tdev = devices(opts)
@@ -86,12 +92,15 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = print) -> dict[st
         tmp = tempfile.TemporaryDirectory(prefix="psa-jax-bench-")
         builders = _sample_builders(shape, opts, jdevs, tdev, batch, tmp.name, log)
     meta = dict(shape=opts.shape, what=opts.what, batch=batch, dtype=dtype)
-    rows = [_run_one(name, builders[name], opts, tdev, meta, flops, peak, log)
-            for name in opts.contestants]  # fmt: skip
+    rows: list[dict[str, Any]] = []
+    for i, name in enumerate(opts.contestants):
+        rows.append(_run_one(name, builders[name], opts, tdev, meta, flops, peak, log))
+        report.add_ratios(rows)
+        if progress is not None and i + 1 < len(opts.contestants):
+            progress(_document(opts, shape, batch, dtype, jdevs, tdev, peak, flops, rows, False))
     if opts.what == "sample":
         tmp.cleanup()
-    report.add_ratios(rows)
-    return _document(opts, shape, batch, dtype, jdevs, tdev, peak, flops, rows)
+    return _document(opts, shape, batch, dtype, jdevs, tdev, peak, flops, rows, True)
 
 
 def _run_one(
@@ -206,7 +215,9 @@ def _device_name(jdev: Any, tdev: str) -> str:
     return str(getattr(jdev, "device_kind", "cpu"))
 
 
-def _document(opts, shape, batch, dtype, jdevs, tdev, peak, flops, rows) -> dict[str, Any]:
+def _document(
+    opts, shape, batch, dtype, jdevs, tdev, peak, flops, rows, complete
+) -> dict[str, Any]:
     import jax
     import torch
 
@@ -243,5 +254,6 @@ def _document(opts, shape, batch, dtype, jdevs, tdev, peak, flops, rows) -> dict
         "peak_tflops": peak,
         "model_flops_per_step": flops["model"],
         "extra_flops_per_step": flops["extra"],
-        "results": rows,
+        "results": [dict(r) for r in rows],
+        "complete": complete,  # False: written after a contestant, before the last finished
     }

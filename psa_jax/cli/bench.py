@@ -63,7 +63,18 @@ def _bench_cmd(args: argparse.Namespace) -> int:
         seed=args.seed,
         config_dir=args.config_dir,
     )
-    doc = run_bench(opts)
+
+    def write(doc: dict[str, Any]) -> None:
+        """The JSON file, replaced whole (a reader never sees half of it)."""
+        path = os.path.abspath(args.json)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(doc, f, indent=2)
+        os.replace(path + ".tmp", path)
+
+    # With --json the file is written after each contestant too: a GPU row cut off at the
+    # device call's limit (a slow torch.compile, say) keeps the contestants it finished.
+    doc = run_bench(opts, progress=write if args.json else None)
     m = doc["machine"]
     print(
         f"\npsa-jax bench --shape {doc['shape']} --what {doc['what']}: batch {doc['batch']}, "
@@ -74,9 +85,7 @@ def _bench_cmd(args: argparse.Namespace) -> int:
     )
     print(table(doc["results"]))
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(doc, f, indent=2)
+        write(doc)
     return 0
 
 
