@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 18's GPU rows as one run on a lent device machine (H100/H200), in the order they matter:
-# sd15 512 px DPO train (xla, then attention auto = cuDNN), sd15 sampling, sdxl 1024 px train.
+# sd15 512 px DPO train (three contestants), sd15 sampling, sdxl 1024 px train, then sd15 train
+# with cuDNN attention (psa_jax alone).
 #
 #   bench/gpu_wheels.sh                   # here, first: the packages the device image lacks -> .whl/
 #   bench/gpu_rows.sh OUT_DIR             # on the GPU machine (repository root; carry .whl)
@@ -8,13 +9,14 @@
 #   bench/gpu_rows.sh OUT_DIR --rehearse  # tiny rows after the same install from .whl/ (run with
 #                                         # PYTHON= an environment holding only the image's packages)
 #
-# Each row writes OUT_DIR/<row>.json (psa-jax bench --json) and <row>.log, eight files in all
-# (what the device tool brings back). A row that fails or outlasts ROW_TIMEOUT seconds is
-# recorded as failed in its log and the next row starts. Before any row a preflight prints (to
-# stdout: the tool brings back 8 files) the versions and devices, and stops the run if psa_jax's
-# bench cannot be imported or, on the GPU machine, JAX sees no GPU: no device time is spent on
-# rows that cannot run.
+# Each row writes OUT_DIR/<row>.json (psa-jax bench --json, rewritten after each contestant, so
+# a row cut off keeps the contestants it finished) and <row>.log: eight files, what the device
+# tool brings back. A row that fails or outlasts its time is recorded as failed in its log and
+# the next row starts. Before any row a preflight prints (to stdout, and again at the end) the
+# versions and devices, and stops the run if a module the rows import is missing or, on the GPU
+# machine, JAX or torch sees no GPU: no device time is spent on rows that cannot run.
 set -uo pipefail
+SECONDS=0
 out=${1:?usage: bench/gpu_rows.sh OUT_DIR [--tiny|--rehearse]}
 mode=${2:-gpu}
 case "$mode" in gpu | --tiny | --rehearse) ;; *) echo "unknown mode $mode (--tiny, --rehearse or nothing)" >&2; exit 2 ;; esac
@@ -41,12 +43,17 @@ if [ "$mode" != --tiny ]; then
 fi
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 
-"$py" - "$mode" <<'PY' || exit 1
+preflight() {
+  "$py" - "$mode" <<'PY'
 import importlib.metadata as md, platform, sys
 print("python", platform.python_version(), sys.executable)
-import jax, psa_jax.bench.run, psa_jax.cli.bench, diffusers, torch  # noqa: E401,F401
+# What the rows import (the bench's contestants load their modules lazily).
+import jax, torch, diffusers, tensorflow_datasets, grain, google.protobuf  # noqa: E401,F401
+import psa_jax.cli.bench, psa_jax.bench.run, psa_jax.bench.jax_train  # noqa: E401,F401
+import psa_jax.bench.sample, psa_jax.bench.torch_train  # noqa: E401,F401
 for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "torch", "diffusers",
-             "transformers", "huggingface-hub", "tensorflow-datasets", "grain", "numpy"):
+             "transformers", "huggingface-hub", "tensorflow-datasets", "grain", "protobuf",
+             "numpy"):
     try:
         print(f"  {name} {md.version(name)}")
     except md.PackageNotFoundError:
@@ -54,46 +61,63 @@ for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "torch", "dif
 print("jax devices:", jax.devices(), "| torch cuda:", torch.cuda.is_available())
 if sys.argv[1] == "gpu" and jax.default_backend() != "gpu":
     sys.exit(f"JAX's backend is {jax.default_backend()!r}, not gpu: no rows run")
+if sys.argv[1] == "gpu" and not torch.cuda.is_available():
+    sys.exit("torch sees no CUDA device: no rows run")
 PY
+}
+if ! pre=$(preflight 2>&1); then
+  echo "$pre" | cut -c1-300
+  echo "== preflight FAILED: no rows run"
+  exit 1
+fi
+echo "$pre"
 
+# row NAME CAP ARGS...: the bench, for at most CAP seconds (ROW_TIMEOUT overrides every CAP)
+# and never past DEADLINE.
 row() {
-  local name=$1 left
-  shift
-  left=$((deadline - SECONDS))
+  local name=$1 left=$((deadline - SECONDS)) cap=${ROW_TIMEOUT:-$2}
+  shift 2
   if [ "$left" -lt 60 ]; then
     echo "== $name SKIPPED: ${left}s left of DEADLINE=${deadline}s" | tee "$out/$name.log"
     return
   fi
-  [ "$left" -gt "${ROW_TIMEOUT:-600}" ] && left=${ROW_TIMEOUT:-600}
+  [ "$left" -gt "$cap" ] && left=$cap
   echo "== $name (timeout ${left}s): psa-jax bench $*"
-  if timeout "$left" "$py" -m psa_jax.cli bench "$@" --json "$out/$name.json" \
-    >"$out/$name.log" 2>&1; then
+  timeout -k 15 "$left" "$py" -m psa_jax.cli bench "$@" --json "$out/$name.json" \
+    >"$out/$name.log" 2>&1
+  local rc=$?
+  if [ "$rc" -eq 0 ]; then
     tail -n 8 "$out/$name.log"
-  else
-    echo "== $name FAILED (exit $?); the end of its log:" | tee -a "$out/$name.log"
-    tail -n 20 "$out/$name.log"
+    return
   fi
+  [ "$rc" -eq 124 ] && rc="timed out after ${left}s; its JSON has the contestants it finished"
+  echo "== $name FAILED (exit $rc); the end of its log:" | tee -a "$out/$name.log"
+  tail -n 20 "$out/$name.log" | cut -c1-300
 }
 
 run_row() {
   if [ "$mode" != gpu ]; then
     case "$1" in
-      train_xla) row train_xla --shape tiny --what train --steps 2 --warmup 0 --attention xla \
-        --contestants psa_jax torch-psalign --torch-threads 1 ;;
-      train_auto) row train_auto --shape tiny --what train --steps 2 --warmup 0 \
+      train_xla) row train_xla 300 --shape tiny --what train --steps 2 --warmup 0 \
+        --attention xla --contestants psa_jax torch-psalign --torch-threads 1 ;;
+      train_auto) row train_auto 300 --shape tiny --what train --steps 2 --warmup 0 \
         --attention auto --contestants psa_jax ;;
-      sample) row sample --shape tiny --what sample --steps 1 --warmup 0 --sample-steps 2 \
+      sample) row sample 300 --shape tiny --what sample --steps 1 --warmup 0 --sample-steps 2 \
         --attention auto --contestants psa_jax torch-psalign --torch-threads 1 ;;
-      sdxl_train) row sdxl_train --shape tiny-xl --what train --steps 1 --warmup 0 \
+      sdxl_train) row sdxl_train 300 --shape tiny-xl --what train --steps 1 --warmup 0 \
         --attention auto --contestants psa_jax ;;
     esac
   else
+    # Caps: no row may take the whole call (torch-fair's torch.compile is the likeliest to run
+    # long); the JSON keeps whatever contestants finished.
     case "$1" in
-      train_xla) row train_xla --shape sd15 --what train --steps 5 --attention xla ;;
-      train_auto) row train_auto --shape sd15 --what train --steps 5 --attention auto \
-        --contestants psa_jax ;;
-      sample) row sample --shape sd15 --what sample --steps 5 --attention auto ;;
-      sdxl_train) row sdxl_train --shape sdxl --what train --steps 5 --attention auto ;;
+      train_xla) row train_xla 270 --device gpu --shape sd15 --what train --steps 5 \
+        --attention xla ;;
+      train_auto) row train_auto 150 --device gpu --shape sd15 --what train --steps 5 \
+        --attention auto --contestants psa_jax ;;
+      sample) row sample 180 --device gpu --shape sd15 --what sample --steps 5 --attention auto ;;
+      sdxl_train) row sdxl_train 240 --device gpu --shape sdxl --what train --steps 5 \
+        --attention auto ;;
     esac
   fi
 }
@@ -102,3 +126,5 @@ for r in $rows; do
   run_row "$r"
 done
 ls -l "$out"
+echo "== preflight (again, for the end of the output):"
+echo "$pre" | head -n 20

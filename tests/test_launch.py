@@ -98,5 +98,5 @@ def test_gpu_rows_preflight_stops_before_any_row_when_the_bench_cannot_import(tm
     out = tmp_path / "out"
     done = _gpu_rows(out, "--tiny", env={"PYTHONPATH": str(fake), "ROWS": "train_xla"})
     assert done.returncode == 1, done.stdout + done.stderr
-    assert "no jax in this environment" in done.stderr
+    assert "no jax in this environment" in done.stdout and "preflight FAILED" in done.stdout
     assert "== train_xla" not in done.stdout and list(out.iterdir()) == []
