@@ -49,6 +49,7 @@ import importlib.metadata as md, platform, sys
 print("python", platform.python_version(), sys.executable)
 # What the rows import (the bench's contestants load their modules lazily).
 import jax, torch, diffusers, tensorflow_datasets, grain, google.protobuf  # noqa: E401,F401
+import tensorflow_metadata.proto.v0.statistics_pb2  # noqa: F401  (checks the protobuf runtime)
 import psa_jax.cli.bench, psa_jax.bench.run, psa_jax.bench.jax_train  # noqa: E401,F401
 import psa_jax.bench.sample, psa_jax.bench.torch_train  # noqa: E401,F401
 for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "torch", "diffusers",
