@@ -19,15 +19,16 @@ set -uo pipefail
 SECONDS=0
 out=${1:?usage: bench/gpu_rows.sh OUT_DIR [--tiny|--rehearse]}
 mode=${2:-gpu}
-case "$mode" in gpu | --tiny | --rehearse) ;; *) echo "unknown mode $mode (--tiny, --rehearse or nothing)" >&2; exit 2 ;; esac
+case "$mode" in gpu | --tiny | --rehearse) ;;
+  *) echo "unknown mode $mode (--tiny, --rehearse or nothing)" >&2; exit 2 ;; esac
 # ROWS picks rows by name, run in the order given; DEADLINE (seconds from the start) cuts each
 # row's timeout so the whole run ends inside one device call (600 s at most), leaving the tail
 # for what the tool brings back. The default order is what matters most first.
-rows=${ROWS:-train_xla sample sdxl_train train_auto}
+all_rows="train_xla sample sdxl_train train_auto"
+rows=${ROWS:-$all_rows}
 deadline=${DEADLINE:-560}
 for r in $rows; do
-  case "$r" in train_xla | train_auto | sample | sdxl_train) ;;
-    *) echo "unknown row $r (train_xla train_auto sample sdxl_train)" >&2; exit 2 ;; esac
+  case " $all_rows " in *" $r "*) ;; *) echo "unknown row $r ($all_rows)" >&2; exit 2 ;; esac
 done
 mkdir -p "$out"
 py=${PYTHON:-python3}
@@ -91,7 +92,8 @@ row() {
     tail -n 8 "$out/$name.log"
     return
   fi
-  [ "$rc" -eq 124 ] && rc="timed out after ${left}s; its JSON has the contestants it finished"
+  # 124: the cap or DEADLINE; the JSON, if written, holds the contestants that finished.
+  [ "$rc" -eq 124 ] && rc="timed out after ${left}s"
   echo "== $name FAILED (exit $rc); the end of its log:" | tee -a "$out/$name.log"
   tail -n 20 "$out/$name.log" | cut -c1-300
 }

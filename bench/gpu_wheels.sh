@@ -42,7 +42,10 @@ while read -r name; do
   built=$(mktemp -d)
   if "$py" -m pip wheel -q --no-deps -w "$built" "$name==$version"; then
     for w in "$built"/*.whl; do
-      case "$w" in *-none-any.whl) mv "$w" "$dest"/ ;; *) failed+=("$name==$version (built for this Python only)") ;; esac
+      case "$w" in
+        *-none-any.whl) mv "$w" "$dest"/ ;;
+        *) failed+=("$name==$version (built for this Python only)") ;;
+      esac
     done
   else
     failed+=("$name==$version")
